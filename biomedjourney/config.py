@@ -1,0 +1,85 @@
+"""Configs as dataclasses with commented defaults (nanoGPT style).
+
+`ModelConfig` describes the networks (stored as `biomedjourney.json` next to the
+weights); `SamplerConfig` holds the generation defaults that ship with a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class VAEConfig:
+    image_channels: int = 1                     # grayscale CXR in and out
+    latent_channels: int = 16                   # 8x down, 16 ch: see train/README for the channel sweep
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)  # len-1 downsamples: 4 blocks -> 8x
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    mid_block_add_attention: bool = False       # fully convolutional: trains on crops, runs at any size
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    cross_attention_dim: int = 256             # text tokens are projected to this width inside the UNet
+    attention_head_dim: int = 32               # channels per head
+    norm_num_groups: int = 32
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 256                       # model input/output size in pixels (square)
+    aspect: str = "crop"                        # how non-square priors are fitted: 'crop' (as the dataset) or 'pad'
+    text_encoder: str = "minilm"                # 'minilm' (offline default) | 'biomedclip' (hub) | 'tiny' (tests)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    prediction_type: str = "epsilon"            # what the UNet predicts (diffusers scheduler convention)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"        # Stable Diffusion's schedule
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        vae = VAEConfig(**_tuples(d.pop("vae", {})))
+        unet = UNetConfig(**_tuples(d.pop("unet", {})))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(vae=vae, unet=unet, **{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SamplerConfig:
+    num_images: int = 4                         # follow-ups per request
+    num_inference_steps: int = 20               # denoising steps; fewer = faster, coarser
+    guidance_scale: float = 4.0                 # text guidance: >1 follows the description more strongly
+    image_guidance_scale: float = 1.5           # image guidance: >1 stays closer to the prior
+    scheduler: str = "dpmsolver++"              # 'ddim' | 'euler_a' | 'dpmsolver++'
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    """Atomic JSON write (tmp + rename) so an interrupted save never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)

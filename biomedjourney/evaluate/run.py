@@ -1,0 +1,301 @@
+"""Run the battery: every row on the same pairs, with the same evaluators, in one process.
+
+For each selected (prior, progression text, real follow-up) pair and each row, images are made
+(generated rows: ``replicates`` samples per pair in one pipeline call, seeds ``base + k`` with the
+same base for every row, so rows share their noise), scored by the evaluators, and the scores of
+replicate k over all pairs give one value per metric; rows report mean ± std over replicates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..dataset import REPO_ROOT, data_root, has_data, load_pairs, missing_data_reason, patient_group
+from ..imaging import read_image, to_model_input
+from . import table
+from .evaluators import Evaluators, evaluator_metrics, label_targets, load_evaluators
+from .metrics import (change_magnitude, cmig, macro_auc, mean_std, pearson_r, reid_auc, roc_auc,
+                      ssim_psnr)
+
+REF_RES = 256  # the dataset's resolution: real rows are scored here
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"                      # 'val' (split_of(patient) == 'val') | 'train' | 'all'
+    replicates: int = 3                     # samples per pair for generated rows (--seeds)
+    limit: int | None = None                # at most this many pairs (spread over patients first)
+    include_no_text: bool = False           # also pairs without progression text (empty prompt)
+    num_inference_steps: int | None = None  # None: each model's shipped default
+    guidance_scale: float | None = None
+    image_guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int = 0                           # base of the per-pair generation seeds
+    register: bool = True                   # also score against the registered follow-up
+    grid_pairs: int = 4                     # pairs shown in samples.png
+    rows: dict[str, str | None] = field(default_factory=dict)  # row -> model folder (text_only, single_stage, ...)
+
+
+@dataclass
+class PairData:
+    pair_ids: list[str]
+    prior_ids: list[str]
+    groups: list[str]                  # patient groups (same person = same group)
+    texts: list[str]
+    prior: np.ndarray                  # (N, 256, 256) [0, 1]
+    followup: np.ndarray               # (N, 256, 256)
+    followup_reg: np.ndarray | None    # (N, 256, 256) follow-up registered onto the prior's frame
+    path_y: np.ndarray                 # (N, L) follow-up labels
+    path_known: np.ndarray             # (N, L)
+    prior_y: np.ndarray                # (N, L) prior labels (for the changed-label AUC)
+    prior_known: np.ndarray            # (N, L)
+    sex: np.ndarray                    # (N,) 1 male, 0 female, NaN unknown
+    age: np.ndarray                    # (N,) years at follow-up (else prior), NaN unknown
+
+
+# ------------------------------------------------------------------------- pair selection
+def _h(s: str) -> int:
+    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+
+
+def select_pairs(data=None, split: str = "val", include_no_text: bool = False, limit: int | None = None):
+    """Pairs of a split, ordered so that a --limit prefix covers as many patients as possible."""
+    if split not in ("val", "train", "all"):
+        raise ValueError(f"split must be 'val', 'train' or 'all', got {split!r}")
+    pairs = [p for p in load_pairs(data) if (split == "all" or p.split == split)
+             and (include_no_text or p.progression_text)]
+    by_patient: dict[str, list] = {}
+    for p in sorted(pairs, key=lambda p: _h(p.pair_id)):
+        by_patient.setdefault(patient_group(p.patient_id), []).append(p)
+    order = sorted(by_patient, key=_h)
+    out = [by_patient[g][k] for k in range(max((len(v) for v in by_patient.values()), default=0))
+           for g in order if k < len(by_patient[g])]  # round-robin over patients
+    return out[:limit] if limit else out
+
+
+def _registrar():
+    """train.register.register, or None (with the reason) when it cannot be used here."""
+    import importlib.util
+
+    if importlib.util.find_spec("SimpleITK") is None:
+        return None, "SimpleITK is not installed (pip install SimpleITK)"
+    if not (REPO_ROOT / "train" / "register.py").is_file():
+        return None, "train/register.py not found (run from a repository checkout)"
+    if str(REPO_ROOT) not in sys.path:  # `train` is a top-level folder of the checkout, not in the package
+        sys.path.append(str(REPO_ROOT))
+    try:
+        from train.register import register
+    except ImportError as e:
+        return None, f"train.register unavailable ({e})"
+    return register, ""
+
+
+def load_pair_data(pairs, ev: Evaluators, register: bool = True) -> tuple[PairData, str]:
+    """Images and targets of the pairs; the follow-up is registered onto the PRIOR (model-independent)."""
+    reg_fn, reason = _registrar() if register else (None, "registration disabled (--no-register-metrics)")
+    load = lambda row: to_model_input(read_image(row.path).pixels, REF_RES)  # noqa: E731
+    pri, fol, reg = [], [], []
+    for p in tqdm(pairs, desc="load pairs" + (" + register" if reg_fn else ""), leave=False):
+        a, b = load(p.prior), load(p.followup)
+        pri.append(a)
+        fol.append(b)
+        if reg_fn is not None:
+            reg.append(reg_fn(b, a).registered)  # register(moving=follow-up, fixed=prior)
+    yk = [label_targets(p.followup.labels, p.followup.source, ev.cfg) for p in pairs]
+    pk = [label_targets(p.prior.labels, p.prior.source, ev.cfg) for p in pairs]
+    sex = [p.followup.sex or p.prior.sex for p in pairs]
+    age = [p.followup.age if p.followup.age is not None else p.prior.age for p in pairs]
+    return PairData(
+        pair_ids=[p.pair_id for p in pairs], prior_ids=[p.prior.image_id for p in pairs],
+        groups=[patient_group(p.patient_id) for p in pairs], texts=[p.progression_text for p in pairs],
+        prior=np.stack(pri), followup=np.stack(fol), followup_reg=np.stack(reg) if reg else None,
+        path_y=np.stack([a for a, _ in yk]), path_known=np.stack([b for _, b in yk]),
+        prior_y=np.stack([a for a, _ in pk]), prior_known=np.stack([b for _, b in pk]),
+        sex=np.array([{"M": 1.0, "F": 0.0}.get(s, np.nan) for s in sex]),
+        age=np.array([np.nan if a is None else a for a in age], np.float64)), reason
+
+
+def resize_stack(x: np.ndarray, res: int) -> np.ndarray:
+    """(N, H, W) -> (N, res, res) exactly as models see inputs (8-bit Lanczos, to_model_input)."""
+    return x if x.shape[-1] == res else np.stack([to_model_input(a, res) for a in x])
+
+
+# ------------------------------------------------------------------------- scoring
+class Scorer:
+    """Scores image sets (one per replicate) of the pairs; caches prior predictions per resolution."""
+
+    def __init__(self, ev: Evaluators, pd: PairData):
+        self.ev, self.pd = ev, pd
+        self._cache: dict[int, tuple] = {}
+
+    def refs(self, res: int):
+        if res not in self._cache:
+            pd = self.pd
+            prior = resize_stack(pd.prior, res)
+            reg = resize_stack(pd.followup_reg, res) if pd.followup_reg is not None else None
+            self._cache[res] = (prior, resize_stack(pd.followup, res), reg, self.ev.predict(prior).embedding)
+        return self._cache[res]
+
+    def score(self, images: np.ndarray) -> dict:
+        """images: (N, R, R) [0, 1], row i for pair i -> one value per metric (+ per-label AUCs)."""
+        pd, res = self.pd, images.shape[-1]
+        prior, fol, reg, prior_emb = self.refs(res)
+        pred = self.ev.predict(images)
+        path, per = macro_auc(pd.path_y, pred.pathology, pd.path_known, self.ev.cfg.labels)
+        # only (pair, label) entries whose label differs between prior and follow-up: copying the prior
+        # scores below 0.5 here, following the text scores above
+        changed = pd.path_known & pd.prior_known & (pd.path_y != pd.prior_y)
+        path_changed, _ = macro_auc(pd.path_y, pred.pathology, changed, self.ev.cfg.labels)
+        ms, ma = ~np.isnan(pd.sex), ~np.isnan(pd.age)
+        sex = roc_auc(pd.sex[ms], pred.sex[ms])
+        age_r = pearson_r(pred.age[ma], pd.age[ma])
+        s, p = ssim_psnr(images, fol)
+        out = {"path_auc": path, "path_auc_changed": path_changed, "sex_auc": sex, "age_r": age_r,
+               "cmig": cmig(path, sex, age_r),
+               "age_mae": float(np.abs(pred.age[ma] - pd.age[ma]).mean()) if ma.any() else math.nan,
+               "reid_auc": reid_auc(pred.embedding, prior_emb, pd.groups, pd.prior_ids),
+               "ssim": float(s.mean()), "psnr": float(p.mean()),
+               "change": float(change_magnitude(images, prior).mean()), "per_label": per}
+        if reg is not None:
+            s, p = ssim_psnr(images, reg)
+            out.update(ssim_reg=float(s.mean()), psnr_reg=float(p.mean()))
+        return out
+
+
+def aggregate(row: str, per_rep: list[dict], extra: dict) -> dict:
+    d = {m: mean_std([r.get(m, math.nan) for r in per_rep]) for m in table.METRICS}
+    labels = per_rep[0]["per_label"] if per_rep else {}
+    d["path_auc_per_label"] = {lab: mean_std([r["per_label"][lab] for r in per_rep]) for lab in labels}
+    d["n_replicates"] = len(per_rep)
+    d.update(extra)
+    return table.finish_row(row, d)
+
+
+# ------------------------------------------------------------------------- generation
+def pair_seed(base: int, pair_id: str) -> int:
+    """The first generation seed of a pair (replicate k uses seed + k): the same for every row."""
+    return (base * 1_000_003 + _h(pair_id)) % (2 ** 31 - 64)
+
+
+def generate_row(pipe, pd: PairData, cfg: EvalConfig, text_only: bool, desc: str) -> tuple[np.ndarray, float]:
+    """(replicates, N, R, R) images and generation seconds."""
+    t0, reps = time.time(), []
+    for i in tqdm(range(len(pd.pair_ids)), desc=desc):
+        out = pipe(None if text_only else pd.prior[i], pd.texts[i], num_images=cfg.replicates,
+                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   image_guidance_scale=cfg.image_guidance_scale, seed=pair_seed(cfg.seed, pd.pair_ids[i]),
+                   scheduler=cfg.scheduler)
+        reps.append(np.stack(out.images))                                  # (K, R, R)
+    return np.stack(reps, 1), time.time() - t0                             # (K, N, R, R)
+
+
+def _load_pipe(path):
+    from ..pipeline import BiomedJourneyPipeline
+    return BiomedJourneyPipeline.from_pretrained(str(path))  # CUDA (fp16) when available, else CPU
+
+
+# ------------------------------------------------------------------------- the battery
+def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None = None,
+             evaluators: Evaluators | str | None = None) -> dict:
+    """Measure every row and write results.json, results.md, results.png and samples.png into ``out``."""
+    from ..pipeline import default_model_path
+
+    cfg, t_start = cfg or EvalConfig(), time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not has_data(data):
+        raise FileNotFoundError(missing_data_reason(data))
+    in_memory = isinstance(evaluators, Evaluators)
+    ev = evaluators if in_memory else load_evaluators(evaluators)
+    pairs = select_pairs(data, cfg.split, cfg.include_no_text, cfg.limit)
+    if len(pairs) < 2:
+        raise ValueError(f"Only {len(pairs)} pair(s) in split {cfg.split!r} of {data_root(data)} "
+                         f"(text required: {not cfg.include_no_text}); need >= 2. Try --split all or --include-no-text.")
+    pd, reg_reason = load_pair_data(pairs, ev, cfg.register)
+    scorer = Scorer(ev, pd)
+
+    model_path = Path(model) if model else default_model_path()
+    paths = {"full": cfg.rows.get("full") or model_path, **{k: v for k, v in cfg.rows.items() if k != "full"}}
+    rows: dict[str, dict] = {}
+    grid = [{"text": pd.texts[i], "prior": pd.prior[i], "real follow-up": pd.followup[i]}
+            for i in range(min(cfg.grid_pairs, len(pairs)))]
+
+    # reference rows: no model, one "replicate" (deterministic)
+    rows["real_followup"] = aggregate("real_followup", [scorer.score(pd.followup)], {
+        "source": "dataset follow-up images", "n_pairs": len(pairs)})
+    rows["copy_prior"] = aggregate("copy_prior", [scorer.score(pd.prior)], {
+        "source": "dataset prior images", "n_pairs": len(pairs)})
+
+    def run_model(row: str, path, text_only: bool, source: str) -> None:
+        pipe = _load_pipe(path)
+        imgs, secs = generate_row(pipe, pd, cfg, text_only, desc=row)      # (K, N, R, R)
+        per_rep = [scorer.score(imgs[k]) for k in range(len(imgs))]
+        rows[row] = aggregate(row, per_rep, {
+            "source": source, "model": str(path), "n_pairs": len(pairs), "seconds": round(secs, 1),
+            "seconds_per_image": secs / imgs.shape[0] / imgs.shape[1], "resolution": int(imgs.shape[-1])})
+        for i, s in enumerate(grid):
+            s[row] = imgs[0, i]
+
+    def present(p) -> bool:
+        return p is not None and Path(p).is_dir()
+
+    full = paths["full"]
+    # text_only: a stage-1 model when given, else the full model with the prior dropped
+    if present(paths.get("text_only")):
+        run_model("text_only", paths["text_only"], True, f"stage-1 model {paths['text_only']} (prior=None)")
+    elif present(full):
+        run_model("text_only", full, True, f"full model {full} with the prior dropped (prior=None)")
+    else:
+        rows["text_only"] = table.not_computed("text_only", f"no model folder at {full} (nor --row text_only=PATH)")
+    for row in ("single_stage", "no_registration"):
+        p = paths.get(row)
+        if present(p):
+            run_model(row, p, False, f"model {p}")
+        else:
+            rows[row] = table.not_computed(row, f"no model folder at {p}" if p else f"no model given (--row {row}=PATH)")
+    if present(full):
+        run_model("full", full, False, f"model {full}")
+    else:
+        rows["full"] = table.not_computed("full", f"no model folder at {full}")
+
+    results = {
+        "rows": {r: rows[r] for r in table.ROWS},
+        "row_order": list(table.ROWS),
+        "metrics": dict(table.METRICS),
+        "evaluator_ceilings": {} if in_memory else evaluator_metrics(evaluators),
+        "settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "rows"},
+                     "rows": {k: str(v) for k, v in paths.items()}, "data": str(data_root(data)),
+                     "n_pairs": len(pairs), "n_patients": len(set(pd.groups)),
+                     "evaluators": "in-memory" if in_memory else str(evaluators or "assets/evaluators"),
+                     "evaluator_labels": list(ev.cfg.labels),
+                     "registration": "follow-up registered onto the prior (train/register.py, affine) " +
+                                     ("" if pd.followup_reg is not None else f"- not computed: {reg_reason}"),
+                     "seconds_total": round(time.time() - t_start, 1)},
+        "notes": [
+            "CMIG = sqrt(PathAUC * sqrt(SexAUC * max(AgeR, 0))): the BiomedJourney paper's combination of pathology "
+            "AUC with race AUC and age correlation as reported in secondary sources, with sex AUC in place of race "
+            "(the dataset has no race); negative age r is clamped to 0. All components are reported.",
+            "Pathology AUC uses the follow-up's labels; a label counts only for sources that report it "
+            "(e.g. COVID-19 is unknown, not negative, for nih) and only when both classes occur among the pairs.",
+            "Re-identification: cosine similarity of evaluator embeddings; negatives are the distinct priors of "
+            "other patients (same-person groups count as one patient).",
+            "SSIM/PSNR 'reg': the real follow-up is affinely registered onto the prior's frame (the frame generated "
+            "images are in), independently of any model.",
+            "Evaluators are small CNNs trained in this project on the train split; see evaluator_ceilings for "
+            "their own scores on real val images.",
+        ],
+    }
+    table.write_json(results, out / "results.json")
+    table.write_markdown(results, out / "results.md")
+    table.bar_chart(results, out / "results.png")
+    cols = ["prior", "real follow-up"] + [r for r in table.GENERATED_ROWS if rows[r]["status"] == "computed"]
+    table.sample_grid(grid, cols, out / "samples.png")
+    return results

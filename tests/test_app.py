@@ -1,0 +1,284 @@
+"""The app's handlers called directly (no server), with the tiny model; and journey.py's pieces."""
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from biomedjourney import journey
+from biomedjourney.config import SamplerConfig
+from biomedjourney.imaging import read_dicom_markers, synthetic_label_box
+from biomedjourney.pipeline import GenerationOutput
+from biomedjourney.progression import ProgressionResult
+
+DESC = "New right pleural effusion."
+
+
+def _generate(app, prior, seed=7, randomise=False, n=2, **kw):
+    args = dict(description=DESC, num_images=n, steps=3, guidance=4.0, image_guidance=1.5, seed=seed,
+                randomise=randomise, scheduler="ddim")
+    args.update(kw)
+    return app.generate(prior, **args)
+
+
+def _has_label(img: np.ndarray) -> bool:
+    """The burned-in SYNTHETIC label: a black box with white text, top-left."""
+    x0, y0, x1, y1 = synthetic_label_box(img.shape)
+    box = img[y0:y1, x0:x1]
+    return (box == 0).mean() > 0.3 and box.max() > 150  # at 64 px the text is antialiased grey
+
+
+# ----------------------------------------------------------------------------- upload
+def test_preview_dicom_shows_model_input_and_no_identifiers(app_module, rg1_path):
+    preview, info = app_module.preview_prior(rg1_path)
+    assert preview.shape == (64, 64) and preview.dtype == np.uint8  # the tiny model's resolution
+    assert "1841×1955 px" in info and "PA" in info and "CR / CHEST" in info
+    ds = pydicom.dcmread(rg1_path, stop_before_pixels=True)
+    for kw in ("PatientName", "PatientID", "InstitutionName", "StudyDate", "AccessionNumber"):
+        value = str(ds.get(kw, "") or "").strip()
+        if len(value) > 2:
+            assert value not in info, kw
+    assert "patient" not in info.lower()
+
+
+def test_preview_warns_for_a_colour_image_and_clears(app_module, tmp_path):
+    rgb = np.zeros((128, 128, 3), np.uint8)
+    rgb[..., 0] = np.linspace(0, 255, 128, dtype=np.uint8)  # a red ramp: a figure, not an X-ray
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    with pytest.warns(UserWarning, match="colour"):
+        preview, _ = app_module.preview_prior(str(tmp_path / "photo.png"))
+    assert preview.shape == (64, 64)
+    assert app_module.preview_prior(None) == (None, "*No image yet.*")
+
+
+def test_bad_file_is_a_gr_error_with_the_reason(app_module, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(gr.Error, match="not an image that can be read"):
+        app_module.preview_prior(str(bad))
+    with pytest.raises(gr.Error, match="not an image that can be read"):
+        _generate(app_module, str(bad))
+
+
+def test_generate_refuses_missing_inputs(app_module, rg1_path):
+    with pytest.raises(gr.Error, match="No prior image"):
+        _generate(app_module, None)
+    with pytest.raises(gr.Error, match="description is empty"):
+        _generate(app_module, rg1_path, description="   ")
+    with pytest.raises(gr.Error, match="Unknown scheduler"):
+        _generate(app_module, rg1_path, scheduler="plms")
+    with pytest.raises(gr.Error, match="seed is empty"):
+        _generate(app_module, rg1_path, seed=None)
+
+
+# ----------------------------------------------------------------------------- generate
+@pytest.fixture(scope="module")
+def generated(app_module, rg1_path):
+    """One generate() run on the DICOM example: 2 samples, seed 7."""
+    return _generate(app_module, rg1_path, seed=7)
+
+
+@pytest.fixture(scope="module")
+def small_png(tmp_path_factory):
+    """A 96×96 grey PNG prior (cheaper to read than the 7 MB DICOM)."""
+    path = tmp_path_factory.mktemp("prior") / "prior.png"
+    Image.fromarray(np.tile(np.linspace(30, 220, 96).astype(np.uint8), (96, 1))).save(path)
+    return str(path)
+
+
+def test_generate_returns_marked_images_heatmaps_and_files(app_module, generated):
+    gallery, (before, after), heat, mean_map, std_map, settings, files, zip_path, seed, state = generated
+    assert seed == 7 and settings["seeds"] == [7, 8] and settings["scheduler"] == "ddim"
+    assert settings["prompt"] == DESC and settings["num_inference_steps"] == 3
+    assert [cap for _, cap in gallery] == ["Sample 1 · seed 7", "Sample 2 · seed 8"]
+    for img, _ in gallery:
+        assert img.shape == (64, 64) and img.dtype == np.uint8 and _has_label(img)
+    assert not _has_label(before) and _has_label(after)  # the prior is shown as it is
+    assert len(heat) == 2
+    for fig in [h for h, _ in heat] + [mean_map, std_map]:
+        assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[2] == 3 and fig.shape[0] > 300
+
+    paths = [Path(p) for p in files]
+    assert all(p.is_file() for p in paths)
+    dicoms = [p for p in paths if p.suffix == ".dcm"]
+    assert len(dicoms) == 2 and sum(p.suffix == ".png" for p in paths) >= 2 + 4  # samples + heatmaps
+    for d in dicoms:
+        m = read_dicom_markers(d)
+        assert m["ConversionType"] == "SYN" and "DERIVED" in m["ImageType"] and m["PatientName"] == ""
+    assert Path(zip_path).is_file()
+    with zipfile.ZipFile(zip_path) as z:
+        assert sorted(Path(n).name for n in z.namelist()) == sorted(p.name for p in paths)
+    assert Path(zip_path).parent.parent.parent == app_module.OUTPUT_ROOT  # OUTPUT_ROOT/session/run
+
+
+def test_same_seed_same_images_random_seed_is_reported(app_module, small_png):
+    c = _generate(app_module, small_png, seed=11, n=1, randomise=True)
+    assert c[8] != 11 and c[5]["seed"] == c[8]      # the seed actually used goes back to the box
+    d = _generate(app_module, small_png, seed=c[8], n=1)
+    assert np.array_equal(c[0][0][0], d[0][0][0])   # same seed + settings = same image
+    assert Path(c[7]).parent != Path(d[7]).parent    # each run keeps its own folder
+
+
+def test_clicking_a_sample_compares_it_with_the_prior(app_module, generated):
+    out = generated
+    state = out[-1]
+    before, after = app_module.compare(state, gr.SelectData(None, {"index": 1, "value": None}))
+    assert np.array_equal(before, out[1][0])
+    assert np.array_equal(after, out[0][1][0])  # the second gallery image
+
+
+# ----------------------------------------------------------------------------- describe
+def test_describe_with_the_rules_backend(app_module):
+    text, info = app_module.describe("Small left pleural effusion. No pneumothorax.",
+                                     "Large left pleural effusion. New right pneumothorax.", "", "rules")
+    assert text == "New right pneumothorax. Increased left pleural effusion."
+    assert "offline rule-based differ" in info
+    text, _ = app_module.describe("Clear lungs.", "", "new right pleural effusion", "rules")
+    assert "right pleural effusion" in text.lower()
+    with pytest.raises(gr.Error, match="not both"):
+        app_module.describe("Clear lungs.", "Effusion.", "new effusion", "rules")
+    with pytest.raises(gr.Error, match="follow-up report"):
+        app_module.describe("Clear lungs.", " ", "", "rules")
+    with pytest.raises(gr.Error, match="prior report"):
+        app_module.describe("", "Effusion.", "", "rules")
+
+
+def test_describe_names_the_llm_backend(app_module, monkeypatch):
+    monkeypatch.setattr(app_module, "describe_progression", lambda *a, **k: ProgressionResult(
+        "New left pleural effusion.", backend="openai", model="gpt-4o", cached=True))
+    text, info = app_module.describe("Clear.", "Left effusion.", "", "auto")
+    assert text == "New left pleural effusion."
+    assert "GPT-4 via OpenAI-compatible API (model gpt-4o)" in info and "cached" in info
+
+
+# ----------------------------------------------------------------------------- journey (app)
+def test_journey_returns_a_gif_and_a_filmstrip(app_module, small_png):
+    strip, gif, settings, files, zip_path, seed = app_module.run_journey(
+        small_png, "day 3: new effusion; day 10: partial resolution", 3, 4.0, 1.5, 5, False, "ddim", 300)
+    assert strip.dtype == np.uint8 and strip.shape[1] == 3 * 64 + 2 * journey.GAP
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames == 3 and im.info["duration"] == 300
+        assert b"SYNTHETIC" in im.info["comment"]
+    assert [s["label"] for s in settings["steps"]] == ["day 3", "day 10"]
+    assert [s["seed"] for s in settings["steps"]] == [5, 6]
+    with zipfile.ZipFile(zip_path) as z:
+        names = z.namelist()
+    assert "journey.gif" in names and sum(n.endswith(".dcm") for n in names) == 2
+    with pytest.raises(gr.Error, match="journey is empty"):
+        app_module.run_journey(small_png, " ;\n ", 3, 4.0, 1.5, 5, False, "ddim", 300)
+    with pytest.raises(gr.Error, match="no description"):
+        app_module.run_journey(small_png, "day 3:", 3, 4.0, 1.5, 5, False, "ddim", 300)
+
+
+# ----------------------------------------------------------------------------- model and launch
+def test_missing_model_is_explained(app_module, monkeypatch, tmp_path):
+    monkeypatch.setenv("BIOMEDJOURNEY_MODEL", str(tmp_path / "no-model-here"))
+    with pytest.raises(gr.Error, match="--model PATH_OR_HUB_ID"):
+        app_module.get_pipe()
+    assert "Model not available" in app_module.on_load()[-1]
+    assert isinstance(app_module.initial_defaults(), SamplerConfig)
+
+
+def test_on_load_sets_the_models_defaults(app_module, tiny_model_dir):
+    values = app_module.on_load()
+    d = app_module.get_pipe().defaults
+    assert values[:6] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
+                          d.seed, d.scheduler]
+    assert "64×64" in values[-1]
+    assert app_module.initial_defaults() == d  # read from the folder's config without loading weights
+
+
+def test_main_flags_set_the_model_and_launch_options(app_module, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(app_module.demo, "launch", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("BIOMEDJOURNEY_MODEL", "x")
+    app_module.main(["--model", "/some/model", "--port", "7999", "--host", "0.0.0.0", "--share"])
+    import os
+    assert os.environ["BIOMEDJOURNEY_MODEL"] == "/some/model"
+    assert seen["server_port"] == 7999 and seen["server_name"] == "0.0.0.0" and seen["share"] is True
+
+
+def test_named_api_endpoints(app_module):
+    names = {d.api_name for d in app_module.demo.fns.values()}
+    assert {"generate", "describe", "journey"} <= names
+
+
+# ----------------------------------------------------------------------------- journey.py
+def test_parse_journey():
+    assert journey.parse_journey("day 3: worsening opacities; day 10: partial resolution") == [
+        ("day 3", "worsening opacities"), ("day 10", "partial resolution")]
+    assert journey.parse_journey("New effusion\n\nIncreasing effusion;") == [
+        ("step 1", "New effusion"), ("step 2", "Increasing effusion")]
+    long = "a" * 40 + ": b"  # a long prefix is part of the description, not a label
+    assert journey.parse_journey(long) == [("step 1", long)]
+    for bad, msg in [("", "empty"), (" ; \n", "empty"), ("day 3:", "no description"),
+                     (";".join(["x"] * 13), "at most 12")]:
+        with pytest.raises(ValueError, match=msg):
+            journey.parse_journey(bad)
+
+
+class _FakePipe:
+    """Records the prior of each call; returns prior + 0.1 (first image) and prior − 0.1."""
+    defaults = SamplerConfig(num_inference_steps=5)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prior, prompt, seed, callback=None, **kw):
+        p = np.asarray(prior, np.float32)
+        self.calls.append((p.copy(), prompt, seed, kw))
+        for i in range(kw.get("num_inference_steps") or 5):
+            callback and callback(i + 1, 5)
+        return GenerationOutput(images=[p + 0.1, p - 0.1], prior=p, seeds=[seed, seed + 1])
+
+
+def test_generate_journey_chains_first_samples():
+    pipe, ticks = _FakePipe(), []
+    start = np.zeros((8, 8), np.float32)
+    outs = journey.generate_journey(pipe, start, ["a", "b", "c"], seed=4, callback=lambda d, t: ticks.append((d, t)),
+                                    guidance_scale=2.0)
+    assert [c[1] for c in pipe.calls] == ["a", "b", "c"] and [c[2] for c in pipe.calls] == [4, 5, 6]
+    for k, (p, *_rest) in enumerate(pipe.calls):
+        assert np.allclose(p, 0.1 * k)  # step k starts from step k-1's first image
+    assert all(c[3] == {"guidance_scale": 2.0} for c in pipe.calls)
+    assert ticks == [(i, 15) for i in range(1, 16)]
+    assert len(outs) == 3 and np.allclose(outs[-1].images[0], 0.3)
+    with pytest.raises(ValueError):
+        journey.generate_journey(pipe, start, [], seed=0)
+
+
+def test_filmstrip_and_gif_mark_generated_frames(tmp_path):
+    frames = [np.full((64, 64), v, np.float32) for v in (0.5, 0.6, 0.7)]
+    strip = journey.filmstrip(frames, ["prior (input)", "day 3", "day 10"], synthetic=[False, True, True])
+    h, w = strip.shape
+    assert w == 3 * 64 + 2 * journey.GAP and h > 64
+    assert not _has_label(strip[:64, :64])                    # the real prior is not marked
+    for i in (1, 2):
+        assert _has_label(strip[:64, i * (64 + journey.GAP):i * (64 + journey.GAP) + 64])
+    assert strip[64:, :64].max() > 150                        # its caption is drawn below
+    gif = journey.write_gif(frames, ["a", "b", "c"], tmp_path / "j.gif", duration_ms=250)
+    with Image.open(gif) as im:
+        assert im.n_frames == 3 and im.info["duration"] == 250 and im.info["loop"] == 0
+        for k in range(3):
+            im.seek(k)
+            assert _has_label(np.asarray(im.convert("L"))[:64, :64])  # default: every frame marked
+    with pytest.raises(ValueError, match="labels"):
+        journey.filmstrip(frames, ["a"])
+    with pytest.raises(ValueError, match="same shape"):
+        journey.filmstrip([frames[0], np.zeros((32, 32))], ["a", "b"])
+
+
+def test_make_zip_keeps_sub_folders(tmp_path):
+    (tmp_path / "step01").mkdir()
+    a, b = tmp_path / "a.gif", tmp_path / "step01" / "s.dcm"
+    a.write_bytes(b"gif")
+    b.write_bytes(b"dcm")
+    z = journey.make_zip([a, b], tmp_path / "out" / "all.zip")
+    with zipfile.ZipFile(z) as f:
+        assert sorted(f.namelist()) == ["a.gif", "step01/s.dcm"] and f.read("step01/s.dcm") == b"dcm"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        journey.make_zip([tmp_path / "nope.png"], tmp_path / "x.zip")

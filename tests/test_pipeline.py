@@ -1,0 +1,167 @@
+"""Core model and pipeline: tiny random models on CPU."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from biomedjourney.model import SCHEDULERS, make_scheduler, widen_conv_in
+from biomedjourney.pipeline import BiomedJourneyPipeline, dual_guidance, tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    return (0.2 + 0.6 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) * 6)).astype(np.float32)  # (64, 64)
+
+
+def test_shapes_ranges_and_seeds(pipe, prior):
+    out = pipe(prior, "New right pleural effusion.", num_images=3, seed=7, num_inference_steps=3)
+    assert out.seeds == [7, 8, 9]
+    assert len(out.images) == 3 and out.prior.shape == (64, 64)
+    for im in out.images:
+        assert im.shape == (64, 64) and im.dtype == np.float32
+        assert im.min() >= 0.0 and im.max() <= 1.0 and im.std() > 0
+    assert not np.allclose(out.images[0], out.images[1])          # different seeds differ
+    assert out.settings["seed"] == 7 and out.settings["prompt"] == "New right pleural effusion."
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_same_seed_same_images_and_each_image_reproducible_alone(pipe, prior, scheduler):
+    kw = dict(num_inference_steps=3, scheduler=scheduler)
+    a = pipe(prior, "worse opacities", num_images=2, seed=3, **kw)
+    b = pipe(prior, "worse opacities", num_images=2, seed=3, **kw)
+    c = pipe(prior, "worse opacities", num_images=2, seed=4, **kw)
+    alone = pipe(prior, "worse opacities", num_images=1, seed=a.seeds[1], **kw)
+    for x, y in zip(a.images, b.images):
+        np.testing.assert_array_equal(x, y)
+    assert np.abs(a.images[0] - c.images[0]).max() > 1e-3
+    np.testing.assert_allclose(alone.images[0], a.images[1], atol=1e-4)
+
+
+def test_dual_guidance_formula():
+    g = torch.Generator().manual_seed(0)
+    full, img, unc = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    torch.testing.assert_close(dual_guidance(full, img, unc, 1.0, 1.0), full)   # scales 1 -> fully conditioned
+    torch.testing.assert_close(dual_guidance(full, img, unc, 0.0, 0.0), unc)
+    torch.testing.assert_close(dual_guidance(full, img, unc, 0.0, 1.0), img)
+    torch.testing.assert_close(dual_guidance(full, img, unc, 2.0, 1.5), unc + 1.5 * (img - unc) + 2.0 * (full - img))
+
+
+def test_scales_of_one_equal_the_fully_conditioned_denoiser(pipe, prior):
+    """With text and image scales 1 the 3-branch batch reduces to the conditioned branch alone."""
+    out = pipe(prior, "new effusion", num_images=1, seed=11, num_inference_steps=3, guidance_scale=1.0,
+               image_guidance_scale=1.0, scheduler="ddim")
+    sched = make_scheduler("ddim", pipe.scheduler_config)
+    sched.set_timesteps(3)
+    emb, mask = pipe.encode_prompt(["new effusion"])
+    z_p = pipe.encode_images(torch.from_numpy(prior)[None, None])
+    lat = torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(11))[None]  # (1, 4, 32, 32) as the pipeline draws it
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = pipe.unet(torch.cat([lat, z_p], 1), t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+            lat = sched.step(eps, t, lat).prev_sample
+    np.testing.assert_allclose(pipe.decode_latents(lat)[0], out.images[0], atol=1e-4)
+
+
+def test_text_only_mode_uses_no_prior(pipe):
+    out = pipe(None, "Findings: Cardiomegaly.", num_images=2, seed=0, num_inference_steps=2)
+    assert out.prior is None and out.settings["text_only"] is True and len(out.images) == 2
+
+
+def test_widen_conv_in_is_exact_when_the_prior_latent_is_zero():
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+    x, emb, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=emb).sample
+        widened = widen_conv_in(unet, 4)
+        assert widened.config.in_channels == 8 and widened.conv_in.in_channels == 8
+        out = widened(torch.cat([x, torch.zeros_like(x)], 1), t, encoder_hidden_states=emb).sample
+        moved = widened(torch.cat([x, torch.ones_like(x)], 1), t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(moved, ref)  # new channels start at zero weight: no effect until trained
+    assert widened.conv_in.weight[:, 4:].abs().sum() == 0
+
+
+def test_save_load_round_trip_gives_identical_images(pipe, prior, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
+    loaded = BiomedJourneyPipeline.from_pretrained(tmp_path / "m", device="cpu")
+    a = pipe(prior, "new effusion", num_images=2, seed=5, num_inference_steps=3)
+    b = loaded(prior, "new effusion", num_images=2, seed=5, num_inference_steps=3)
+    for x, y in zip(a.images, b.images):
+        np.testing.assert_array_equal(x, y)
+    assert loaded.defaults == pipe.defaults and loaded.config == pipe.config
+
+
+def test_fp16_export_is_half_the_size_and_still_generates(pipe, prior, tmp_path):
+    pipe.save_pretrained(tmp_path / "fp32")
+    pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("diffusion_pytorch_model.safetensors"))  # noqa: E731
+    assert size(tmp_path / "fp16") < 0.6 * size(tmp_path / "fp32")
+    out = BiomedJourneyPipeline.from_pretrained(tmp_path / "fp16", device="cpu")(prior, "x", num_images=1, num_inference_steps=2)
+    assert np.isfinite(out.images[0]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_images=0), "num_images must be between 1 and 16, got 0"),
+    (dict(num_images=17), "got 17"),
+    (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000, got 0"),
+    (dict(guidance_scale=-1.0), "guidance scales must be >= 0"),
+    (dict(scheduler="nope"), "Unknown scheduler 'nope'"),
+])
+def test_bad_settings_raise_with_the_numbers(pipe, prior, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipe(prior, "x", **kwargs)
+
+
+def test_mismatched_unet_and_autoencoder_are_refused():
+    p = tiny_pipeline()
+    from biomedjourney.model import build_vae
+    from biomedjourney.pipeline import tiny_model_config
+    cfg = tiny_model_config()
+    cfg.vae.latent_channels = 8
+    with pytest.raises(ValueError, match=r"UNet expects 8 input channels, got 8\+8"):
+        BiomedJourneyPipeline(p.unet, build_vae(cfg), p.text_encoder, cfg)
+
+
+def test_missing_model_folder_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model"):
+        BiomedJourneyPipeline.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_cli_generate_on_the_pydicom_chest_radiograph(tiny_model_dir, rg1_path, tmp_path, capsys):
+    from biomedjourney.cli import main
+    from biomedjourney.imaging import read_dicom_markers
+    rc = main(["generate", "--prior", rg1_path, "--text", "New right pleural effusion.", "--num-images", "2",
+               "--seed", "0", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--dicom", "--steps", "2"])
+    assert rc == 0
+    side = json.loads((tmp_path / "settings.json").read_text())
+    assert side["seeds"] == [0, 1] and side["prompt"] == "New right pleural effusion." and side["num_inference_steps"] == 2
+    assert sorted(p.name for p in tmp_path.glob("followup_*")) == [
+        "followup_1_seed0.dcm", "followup_1_seed0.png", "followup_2_seed1.dcm", "followup_2_seed1.png"]
+    m = read_dicom_markers(tmp_path / "followup_1_seed0.dcm")
+    assert "DERIVED" in m["ImageType"] and m["ConversionType"] == "SYN" and not m["PatientName"]
+    assert "not for diagnosis" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_model_dir, tmp_path, capsys):
+    from biomedjourney.cli import main
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    rc = main(["generate", "--prior", str(bad), "--text", "x", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir)])
+    assert rc == 2 and "empty" in capsys.readouterr().err.lower()

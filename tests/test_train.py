@@ -1,0 +1,107 @@
+"""The diffusion curriculum on the tiny config over a handful of real images from the shared dataset."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from biomedjourney import dataset
+from biomedjourney.pipeline import BiomedJourneyPipeline, tiny_pipeline
+
+pytestmark = pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_prep(tmp_path_factory):
+    """stage1.csv / stage2.csv over 8 training and 2 validation pairs of the shared dataset."""
+    from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, write_manifest
+    out = tmp_path_factory.mktemp("prep")
+    pairs = [p for p in dataset.load_pairs() if p.progression_text and dataset.licence_ok_for_weights(p.prior.license)]
+    train = [p for p in pairs if p.split == "train"][:8]
+    val = [p for p in pairs if p.split == "val"][:2]
+    s1, s2 = [], []
+    for p in train + val:
+        for im in (p.prior, p.followup):
+            s1.append(dict(image_id=im.image_id, image=str(im.path), patient_id=im.patient_id, split=p.split,
+                           text=dataset.caption_for(im), labels="|".join(im.labels), sex=im.sex, age=im.age or "",
+                           view=im.view, license=im.license, source=im.source))
+        s2.append(dict(pair_id=p.pair_id, patient_id=p.patient_id, split=p.split, prior=str(p.prior.path),
+                       prior_original=str(p.prior.path), followup=str(p.followup.path), text=p.progression_text,
+                       text_origin=p.text_origin, reg_score=1.0, kept=True, prior_labels="|".join(p.prior.labels),
+                       followup_labels="|".join(p.followup.labels), days_between=p.days_between, license=p.prior.license))
+    write_manifest(s1, out / "stage1.csv", STAGE1_COLUMNS)
+    write_manifest(s2, out / "stage2.csv", STAGE2_COLUMNS)
+    tiny_pipeline().vae.save_pretrained(out / "vae")
+    return out
+
+
+def _train(prep, out, stage, steps=None, resume=None, stop_after=None):
+    from train.config import load_config
+    from train.train import train
+    cfg = load_config("tiny")
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    if steps:
+        tc.steps = steps
+    return train(cfg, stage, prep, prep / "vae", out, resume=resume, stop_after=stop_after)
+
+
+def test_two_stages_export_a_loadable_pipeline(tiny_prep, tmp_path):
+    r1 = _train(tiny_prep, tmp_path, 1)
+    assert r1["steps"] == 4 and np.isfinite(r1["final_loss"])
+    r2 = _train(tiny_prep, tmp_path, 2)
+    assert r2["steps"] == 4
+    for stage in (1, 2):
+        sd = tmp_path / f"stage{stage}"
+        assert (sd / "log.csv").read_text().count("\n") == 5  # header + 4 steps
+        assert list(sd.glob("val-*.png")), "validation grid missing"
+        assert (sd / "checkpoints").is_dir()
+    pipe = BiomedJourneyPipeline.from_pretrained(tmp_path / "stage2" / "export")
+    assert pipe.info["stage"] == 2 and pipe.info["curriculum"] is True
+    out = pipe(np.full((64, 64), 0.5, np.float32), "New right pleural effusion.", num_images=2, seed=0)
+    assert len(out.images) == 2 and out.images[0].shape == (64, 64)
+    # stage 2 started from the stage-1 export, not from scratch
+    s1 = load_file(tmp_path / "stage1" / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    s2 = load_file(tmp_path / "stage2" / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    scratch = tiny_pipeline().unet.state_dict()
+    k = "conv_out.weight"
+    assert (s2[k].float() - s1[k].float()).abs().max() < (s2[k].float() - scratch[k]).abs().max()
+
+
+def test_resume_latest_matches_uninterrupted_run(tiny_prep, tmp_path):
+    _train(tiny_prep, tmp_path / "straight", 1, steps=4)
+    _train(tiny_prep, tmp_path / "split", 1, steps=4, stop_after=2)   # "interrupted" after 2 steps
+    shutil.rmtree(tmp_path / "split" / "stage1" / "export")
+    _train(tiny_prep, tmp_path / "split", 1, steps=4, resume="latest")
+    a = load_file(tmp_path / "straight" / "stage1" / "checkpoints" / "step-00000004" / "unet.safetensors")
+    b = load_file(tmp_path / "split" / "stage1" / "checkpoints" / "step-00000004" / "unet.safetensors")
+    ea = load_file(tmp_path / "straight" / "stage1" / "checkpoints" / "step-00000004" / "ema.safetensors")
+    eb = load_file(tmp_path / "split" / "stage1" / "checkpoints" / "step-00000004" / "ema.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(ea[key], eb[key]), key
+    # and the run really changed the weights
+    assert not torch.equal(a["conv_out.weight"], tiny_pipeline().unet.state_dict()["conv_out.weight"])
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tiny_prep, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "train" / "train.py"), "--stage", "1", "--config", "tiny", "--data", str(tiny_prep),
+           "--vae", str(tiny_prep / "vae"), "--out", str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stdout + r.stderr
+    h0 = (tmp_path / "stage1" / "weights-rank0.sha256").read_text()
+    h1 = (tmp_path / "stage1" / "weights-rank1.sha256").read_text()
+    assert h0 == h1
+    assert (tmp_path / "stage1" / "export" / "model_index.json").is_file()

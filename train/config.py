@@ -1,0 +1,99 @@
+"""Training presets: one YAML per preset in train/configs/ filling these dataclasses.
+
+`tiny` (tests), `demo-cpu` (2-core CPU, about an hour end to end), `demo-gpu`
+(one H100, under 25 minutes), `full` (SD 1.5 UNet widened + SD VAE + BiomedCLIP,
+MIMIC-CXR, many GPUs through `accelerate launch`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from biomedjourney.config import ModelConfig, SamplerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class AutoencoderTrain:
+    steps: int = 3000                  # optimizer steps
+    batch_size: int = 16
+    crop: int = 128                    # random crops: the autoencoder is fully convolutional
+    lr: float = 3e-4
+    kl_weight: float = 1e-6            # small KL keeps the latent near N(0, I) without blurring (LDM §3)
+    ssim_weight: float = 0.2           # (1 - SSIM) added to L1 for structure
+    val_every: int = 500
+    checkpoint_every: int = 500
+    mixed_precision: str = "no"        # 'no' | 'bf16' (CPU autocast too) | 'fp16' (accelerate)
+    max_minutes: float = 0.0           # >0: stop (and export) after this wall time
+    pretrained: str = ""               # optional: a diffusers AutoencoderKL folder/hub id to start from (full: SD VAE)
+
+
+@dataclass
+class DiffusionTrain:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    ema_decay: float = 0.999           # EMA of UNet weights (exported)
+    ema_warmup: bool = True            # decay ramps up early: min(decay, (1+n)/(10+n))
+    drop_text: float = 0.05            # conditioning dropout: InstructPix2Pix §3.2.1 (5% text,
+    drop_image: float = 0.05           #   5% image, 5% both)
+    drop_both: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"        # 'no' | 'bf16' | 'fp16' (accelerate)
+    gradient_checkpointing: bool = False
+    val_every: int = 500               # validation grid (prior | generated | real) PNG
+    val_pairs: int = 4
+    val_steps: int = 20                # sampler steps for validation grids
+    checkpoint_every: int = 250
+    log_every: int = 10
+    max_minutes: float = 0.0           # >0: stop (checkpoint + export) after this wall time
+    init_unet: str = ""                # stage 2: the stage-1 export; full: SD 1.5 UNet (widened)
+    min_reg_score: float | None = None  # None: trust prepare_data's `kept`
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo-cpu"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    autoencoder: AutoencoderTrain = field(default_factory=AutoencoderTrain)
+    stage1: DiffusionTrain = field(default_factory=DiffusionTrain)
+    stage2: DiffusionTrain = field(default_factory=DiffusionTrain)
+
+
+def _build(cls, d: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} keys: {sorted(unknown)}; valid: {sorted(known)}")
+    return cls(**d)
+
+
+def load_config(name_or_path: str) -> RunConfig:
+    """A preset name ('tiny', 'demo-cpu', 'demo-gpu', 'full') or a YAML path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"No config {name_or_path!r}; presets: {presets} or a YAML path")
+    d = yaml.safe_load(p.read_text()) or {}
+    return RunConfig(
+        name=d.get("name", p.stem), seed=d.get("seed", 0),
+        model=ModelConfig.from_dict(d.get("model", {})),
+        sampler=SamplerConfig.from_dict(d.get("sampler", {})),
+        autoencoder=_build(AutoencoderTrain, d.get("autoencoder", {})),
+        stage1=_build(DiffusionTrain, d.get("stage1", {})),
+        stage2=_build(DiffusionTrain, d.get("stage2", {})),
+    )
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,368 @@
+"""Two-stage diffusion training of the prior-conditioned UNet (BiomedJourney curriculum), on accelerate.
+
+    # stage 1: image-report pairs, dummy (all-zero) prior latent
+    python train/train.py --stage 1 --config demo-cpu --data work/data/cxr-prep --vae work/runs/demo-cpu/vae --out work/runs/demo-cpu
+    # stage 2: (prior, description, follow-up) triples, initialised from the stage-1 export
+    python train/train.py --stage 2 --config demo-cpu --data work/data/cxr-prep --vae work/runs/demo-cpu/vae --out work/runs/demo-cpu
+    # resume exactly after an interruption
+    python train/train.py --stage 2 ... --resume latest
+    # several GPUs / machines: accelerate launch --multi_gpu [--num_machines N --machine_rank R --main_process_ip IP] train/train.py ...
+    # two CPU processes (gloo): torchrun --nproc_per_node 2 train/train.py ...
+
+The autoencoder and the text encoder are frozen, so every latent (posterior mode x scaling
+factor) and every text embedding is computed once and cached (OUT/cache-stage<N>.safetensors);
+the UNet trains on the cache. Writes OUT/stage<N>/: log.csv, TensorBoard logs, validation grids
+(val-<step>.png: prior | generated | real), atomic checkpoints (checkpoints/step-*), and the
+export for inference (export/: a pipeline folder with the EMA weights).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from biomedjourney.config import write_json
+from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
+from biomedjourney.pipeline import BiomedJourneyPipeline
+from biomedjourney.text_encoders import build_text_encoder
+from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from train.config import DiffusionTrain, RunConfig, config_dict, load_config
+from train.data import batch_indices, stack_images, step_generator, to_float
+from train.manifest import manifest_hash, read_manifest
+
+
+# ---------------------------------------------------------------- data and cache
+def training_rows(data: Path, stage: int, register: bool, split: str = "train") -> list[dict]:
+    """Stage 1: image-text rows. Stage 2: triples kept by registration (or all, original priors, with register=False)."""
+    if stage == 1:
+        rows = read_manifest(data / "stage1.csv")
+        return [dict(target=r["image"], prior="", text=r["text"]) for r in rows if r["split"] == split]
+    rows = read_manifest(data / "stage2.csv")
+    out = []
+    for r in rows:
+        if r["split"] != split or (register and not r["kept"]):
+            continue
+        out.append(dict(target=r["followup"], prior=r["prior"] if register else r["prior_original"], text=r["text"]))
+    return out
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device, batch: int = 16) -> torch.Tensor:
+    """uint8 (N, 1, H, W) -> scaled posterior-mode latents (N, C, H/8, W/8) fp16 on CPU."""
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="encode latents", leave=False):
+        x = to_vae_input(to_float(images[i:i + batch]).to(device, vae.dtype), vae)
+        out.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).half().cpu())
+    return torch.cat(out)
+
+
+def build_cache(rows: list[dict], vae: AutoencoderKL, text_spec, resolution: int, path: Path, device) -> dict:
+    """Latents of every image and embeddings of every text (+ the empty prompt), computed once."""
+    if path.is_file():
+        return load_file(path)
+    images = sorted({r["target"] for r in rows} | {r["prior"] for r in rows if r["prior"]})
+    texts = sorted({r["text"] for r in rows} | {""})
+    lat = encode_latents(vae, stack_images(images, resolution), device)
+    te = build_text_encoder(text_spec).to(device)
+    embs, masks = [], []
+    for i in tqdm(range(0, len(texts), 64), desc="encode texts", leave=False):
+        e, m = te(texts[i:i + 64])
+        embs.append(e.half().cpu())
+        masks.append(m.to(torch.int8).cpu())
+    cache = {"latents": lat, "text_emb": torch.cat(embs), "text_mask": torch.cat(masks),
+             "image_keys": _keys(images), "text_keys": _keys(texts)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(cache, path, metadata={"images": json.dumps(images), "texts": json.dumps(texts)})
+    return load_file(path)
+
+
+def _keys(items: list[str]) -> torch.Tensor:
+    return torch.tensor([int(hashlib.sha1(s.encode()).hexdigest()[:12], 16) for s in items], dtype=torch.int64)
+
+
+def index_rows(rows: list[dict], cache: dict) -> dict[str, torch.Tensor]:
+    im = {int(k): i for i, k in enumerate(cache["image_keys"])}
+    tx = {int(k): i for i, k in enumerate(cache["text_keys"])}
+    key = lambda s: int(hashlib.sha1(s.encode()).hexdigest()[:12], 16)  # noqa: E731
+    return {"target": torch.tensor([im[key(r["target"])] for r in rows]),
+            "prior": torch.tensor([im[key(r["prior"])] if r["prior"] else -1 for r in rows]),
+            "text": torch.tensor([tx[key(r["text"])] for r in rows])}
+
+
+# ---------------------------------------------------------------- model setup
+def init_unet(cfg: RunConfig, tc: DiffusionTrain, stage: int, vae: AutoencoderKL, text_dim: int,
+              out: Path, curriculum: bool) -> UNet2DConditionModel:
+    lc = vae.config.latent_channels
+    src = tc.init_unet or (str(out / "stage1" / "export") if stage == 2 and curriculum else "")
+    if not src:
+        torch.manual_seed(cfg.seed)
+        return build_unet(cfg.model, lc, text_dim)
+    sub = "unet" if (Path(src) / "unet").is_dir() else None
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub, torch_dtype=torch.float32)
+    if unet.config.in_channels == lc:  # a text-to-image UNet (e.g. SD 1.5): add the prior's channels
+        unet = widen_conv_in(unet, lc)
+    if unet.config.in_channels != 2 * lc:
+        raise ValueError(f"UNet expects {unet.config.in_channels} input channels, got {lc}+{lc}")
+    return unet
+
+
+def conditioning_dropout(b: int, tc: DiffusionTrain, stage: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (True = drop) for text and prior: InstructPix2Pix §3.2.1 (5% text, 5% image, 5% both)."""
+    u = torch.rand(b, generator=g)
+    both = u < tc.drop_both
+    text = both | ((u >= tc.drop_both) & (u < tc.drop_both + tc.drop_text))
+    image = both | ((u >= tc.drop_both + tc.drop_text) & (u < tc.drop_both + tc.drop_text + tc.drop_image))
+    if stage == 1:
+        image = torch.ones(b, dtype=torch.bool)  # stage 1: the prior is always the dummy (zero latent)
+    return text, image
+
+
+# ---------------------------------------------------------------- validation and export
+def make_pipeline(unet, vae, cfg: RunConfig, text_spec, info: dict, load_text: bool = True) -> BiomedJourneyPipeline:
+    te = build_text_encoder(text_spec) if load_text else _SpecOnly(text_spec)
+    return BiomedJourneyPipeline(unet, vae, te, cfg.model, cfg.sampler, training_scheduler_config(cfg.model), info)
+
+
+class _SpecOnly(torch.nn.Module):
+    """Stands in for the text encoder during validation (embeddings come from the cache)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self._spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+
+    def spec(self):
+        return self._spec
+
+    def save_pretrained(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self._spec, indent=2) + "\n")
+
+
+@torch.no_grad()
+def validation_grid(pipe: BiomedJourneyPipeline, val: list[dict], cache: dict, idx: dict, empty: int,
+                    stage: int, steps: int, path: Path, seed: int) -> None:
+    """Rows: prior | generated | real follow-up (stage 1: text-only generation | real image)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(val)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    for i, r in enumerate(val):
+        emb = (cache["text_emb"][idx["text"][i]][None].float(), cache["text_mask"][idx["text"][i]][None].long())
+        prior = None
+        if stage == 2:
+            z = cache["latents"][idx["prior"][i]][None].to(pipe.device, pipe.dtype)
+            prior = pipe.decode_latents(z)[0]
+        neg = (cache["text_emb"][empty][None].float(), cache["text_mask"][empty][None].long())
+        out = pipe(prior, r["text"], num_images=1, num_inference_steps=steps, seed=seed + i, prompt_embeds=emb,
+                   negative_prompt_embeds=neg)
+        real = pipe.decode_latents(cache["latents"][idx["target"][i]][None].to(pipe.device, pipe.dtype))[0]
+        for ax, im, title in zip(axes[i], [prior if prior is not None else np.zeros_like(real), out.images[0], real],
+                                 ["prior (decoded)" if stage == 2 else "(no prior: stage 1)", "generated", "real"]):
+            ax.imshow(im, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+        axes[i][1].set_xlabel(r["text"][:60], fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- training
+def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, resume: str | None = None,
+          minutes: float | None = None, curriculum: bool = True, register: bool = True,
+          export_dtype: str = "fp16", command: str = "", stop_after: int | None = None) -> dict:
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    acc = Accelerator(mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(out / f"stage{stage}"))
+    sdir = out / f"stage{stage}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(acc.device).eval().requires_grad_(False)
+    text_spec = cfg.model.text_encoder
+
+    # 1. Rows and the latent/text cache (main process builds it, the others read it)
+    rows = training_rows(data, stage, register)
+    val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
+    if not rows:
+        raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
+    tag = hashlib.sha256(f"{manifest_hash(data / ('stage1.csv' if stage == 1 else 'stage2.csv'))}:{register}:"
+                         f"{(Path(vae_path) / 'diffusion_pytorch_model.safetensors').stat().st_mtime_ns}:"
+                         f"{json.dumps(text_spec)}".encode()).hexdigest()[:12]
+    cache_path = out / f"cache-stage{stage}-{tag}.safetensors"
+    if acc.is_main_process:
+        build_cache(rows + val_rows, vae, text_spec, cfg.model.resolution, cache_path, acc.device)
+    acc.wait_for_everyone()
+    cache = load_file(cache_path)
+    idx, val_idx = index_rows(rows, cache), index_rows(val_rows, cache)
+    latents, temb, tmask = cache["latents"], cache["text_emb"], cache["text_mask"]
+    empty = index_rows([{"target": rows[0]["target"], "prior": "", "text": ""}], cache)["text"][0]
+
+    # 2. Model, EMA, optimizer, LR schedule
+    text_dim = temb.shape[-1]
+    unet = init_unet(cfg, tc, stage, vae, text_dim, out, curriculum)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = EMAModel(unet.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
+                   model_cls=UNet2DConditionModel, model_config=unet.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    lr_sched = get_scheduler("cosine", opt, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
+    noise_sched = DDPMScheduler.from_config(training_scheduler_config(cfg.model))
+    model, opt = acc.prepare(unet, opt)
+    raw = acc.unwrap_model(model)
+    ema.to(acc.device)
+    ema_module = copy.deepcopy(raw).requires_grad_(False)  # holds EMA weights for checkpoints/validation/export
+
+    step, ckdir = 0, sdir / "checkpoints"
+    if resume:
+        ck = find_checkpoint(ckdir, resume)
+        if ck is not None:
+            meta = load_checkpoint(ck, models={"unet": raw, "ema": ema_module}, optimizer=opt)
+            step = meta["step"]
+            ema = EMAModel(ema_module.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
+                           model_cls=UNet2DConditionModel, model_config=raw.config)
+            ema.optimization_step = meta["extra"]["ema_step"]
+            lr_sched.load_state_dict(meta["extra"]["lr_sched"])
+            acc.print(f"resumed from {ck} at step {step}")
+    start_step = step
+    acc.init_trackers(f"stage{stage}", config={"lr": tc.lr, "batch_size": tc.batch_size, "steps": tc.steps})
+    acc.print(f"stage {stage}: UNet {count_parameters(raw) / 1e6:.2f}M params, {len(rows)} training rows, "
+              f"batch {tc.batch_size} x {acc.num_processes} processes, {tc.steps} steps")
+
+    def checkpoint():
+        ema.copy_to(ema_module.parameters())
+        save_checkpoint(ckdir, step, models={"unet": raw, "ema": ema_module}, optimizer=opt,
+                        extra={"ema_step": ema.optimization_step, "lr_sched": lr_sched.state_dict(),
+                               "config": config_dict(cfg)})
+
+    # 3. Train on the cache
+    log_path = sdir / "log.csv"
+    new_log = not log_path.is_file()
+    log = open(log_path, "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "seconds"])
+    budget = (minutes if minutes is not None else tc.max_minutes) * 60
+    t0, losses = time.time(), []
+    bar = tqdm(total=tc.steps, initial=step, desc=f"stage {stage}", disable=not acc.is_main_process)
+    model.train()
+    while step < tc.steps:
+        g = step_generator(cfg.seed, step, acc.process_index)
+        b = batch_indices(len(rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
+        z = latents[idx["target"][b]].float()                                   # (B, C, h, w)
+        drop_text, drop_image = conditioning_dropout(len(b), tc, stage, g)
+        pi = idx["prior"][b]
+        prior = torch.where((drop_image | (pi < 0))[:, None, None, None], torch.zeros_like(z),
+                            latents[pi.clamp(min=0)].float())                     # (B, C, h, w)
+        ti = torch.where(drop_text, empty, idx["text"][b])
+        emb, mask = temb[ti].float(), tmask[ti].long()                           # (B, T, D), (B, T)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(b),), generator=g)
+        noisy = noise_sched.add_noise(z, noise, t)
+        target = noise if cfg.model.prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
+        x = torch.cat([noisy, prior], 1).to(acc.device)                          # (B, 2C, h, w)
+        with acc.autocast():
+            pred = model(x, t.to(acc.device), encoder_hidden_states=emb.to(acc.device),
+                         encoder_attention_mask=mask.to(acc.device)).sample
+        loss = F.mse_loss(pred.float(), target.to(acc.device))
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        opt.step()
+        lr_sched.step()
+        ema.step(raw.parameters())
+        step += 1
+        losses.append(acc.gather(loss.detach()[None]).mean().item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % tc.log_every == 0 and acc.is_main_process:
+            writer.writerow([step, f"{np.mean(losses[-tc.log_every:]):.5f}", f"{lr_sched.get_last_lr()[0]:.2e}",
+                             f"{time.time() - t0:.1f}"])
+            log.flush()
+            acc.log({"loss": float(np.mean(losses[-tc.log_every:])), "lr": lr_sched.get_last_lr()[0]}, step=step)
+        out_of_time = (budget > 0 and time.time() - t0 > budget) or step == stop_after
+        if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time or step == tc.steps):
+            checkpoint()
+        if acc.is_main_process and val_rows and (step % tc.val_every == 0 or step == tc.steps or out_of_time):
+            ema.copy_to(ema_module.parameters())
+            pipe = make_pipeline(ema_module.eval(), vae, cfg, text_spec, {}, load_text=False)
+            validation_grid(pipe, val_rows, cache, val_idx, int(empty), stage, tc.val_steps, sdir / f"val-{step:06d}.png", cfg.seed)
+        if out_of_time:
+            acc.print(f"stopping at step {step} (time budget or --stop-after); continue with --resume latest")
+            break
+    bar.close()
+    log.close()
+    # a fingerprint of this rank's weights: all ranks must end identical (tests check it)
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in raw.parameters())).hexdigest()
+    (sdir / f"weights-rank{acc.process_index}.sha256").write_text(digest + "\n")
+    acc.wait_for_everyone()
+    acc.end_training()
+    seconds = time.time() - t0
+    result = {"stage": stage, "steps": step, "seconds": seconds, "rows": len(rows),
+              "seconds_per_step": seconds / max(1, step - start_step),
+              "final_loss": float(np.mean(losses[-50:])) if losses else None}
+
+    # 4. Export the EMA weights as a pipeline folder
+    if acc.is_main_process:
+        ema.copy_to(ema_module.parameters())
+        info = {"stage": stage, "config": config_dict(cfg), "command": command, "seed": cfg.seed,
+                "manifest_sha256": manifest_hash(data / ("stage1.csv" if stage == 1 else "stage2.csv")),
+                "training_rows": len(rows), "steps": step, "wall_seconds": round(seconds, 1),
+                "curriculum": curriculum, "registration": register, "processes": acc.num_processes}
+        pipe = make_pipeline(ema_module.eval(), vae, cfg, text_spec, info)
+        dtype = {"fp16": torch.float16, "fp32": None, "bf16": torch.bfloat16}[export_dtype]
+        pipe.save_pretrained(sdir / "export", dtype=dtype)
+        write_json(result, sdir / "result.json")
+        acc.print(f"stage {stage}: {step} steps in {seconds / 60:.1f} min; exported {sdir / 'export'}")
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    ap.add_argument("--config", default="demo-cpu", help="preset (tiny, demo-cpu, demo-gpu, full) or YAML path")
+    ap.add_argument("--data", type=Path, required=True, help="folder written by train/prepare_data.py")
+    ap.add_argument("--vae", type=Path, required=True, help="autoencoder folder (train/train_autoencoder.py's OUT/vae)")
+    ap.add_argument("--out", type=Path, required=True, help="run folder (stage1/ and stage2/ go inside)")
+    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    ap.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-time budget; checkpoints and exports when reached")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (checkpoint + export) at this step, schedule unchanged")
+    ap.add_argument("--init-unet", default=None, help="UNet to start from (stage 2 default: OUT/stage1/export)")
+    ap.add_argument("--no-curriculum", action="store_true", help="stage 2 from random init (single-stage baseline)")
+    ap.add_argument("--no-register", action="store_true", help="stage 2 on unregistered priors, all pairs (ablation)")
+    ap.add_argument("--export-dtype", default="fp16", choices=["fp16", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.config)
+    tc = cfg.stage1 if a.stage == 1 else cfg.stage2
+    if a.steps:
+        tc.steps = a.steps
+    if a.init_unet is not None:
+        tc.init_unet = a.init_unet
+    train(cfg, a.stage, a.data, a.vae, a.out, a.resume, a.minutes, curriculum=not a.no_curriculum,
+          register=not a.no_register, export_dtype=a.export_dtype, command=" ".join(sys.argv), stop_after=a.stop_after)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Train the 1-channel CXR autoencoder (diffusers AutoencoderKL) on random crops.
+
+    python train/train_autoencoder.py --config demo-cpu --data work/data/cxr-prep --out work/runs/demo-cpu
+    python train/train_autoencoder.py --config demo-cpu --data ... --out ... --sweep 4,8,16 --minutes 4
+
+Writes OUT/vae/ (save_pretrained, scaling_factor set to 1/std of the training latents),
+OUT/vae_metrics.json (val PSNR/SSIM at full resolution), OUT/vae_log.csv, checkpoints in
+OUT/checkpoints-vae/ (resume with --resume latest). --sweep trains one short run per latent
+channel count and records the reconstruction-vs-channels curve (sweep.csv, sweep.png).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from biomedjourney.config import write_json
+from biomedjourney.metrics import psnr, ssim
+from biomedjourney.model import build_vae, count_parameters
+from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from train.config import RunConfig, config_dict, load_config
+from train.data import batch_indices, stack_images, step_generator, to_float
+from train.manifest import read_manifest
+
+
+def load_split_images(data: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = read_manifest(Path(data) / "stage1.csv")
+    train = [r["image"] for r in rows if r["split"] == "train"]
+    val = [r["image"] for r in rows if r["split"] == "val"]
+    if not train:
+        raise SystemExit(f"No training images in {data}/stage1.csv: run train/prepare_data.py first")
+    return stack_images(train, size), stack_images(val, size)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, images: torch.Tensor, batch_size: int = 16) -> dict:
+    """Full-resolution reconstruction PSNR/SSIM on [0, 1] images (posterior mode)."""
+    vae.eval()
+    dev = next(vae.parameters()).device
+    ps, ss = [], []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size]).to(dev)             # (B, 1, H, W) in [-1, 1]
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        x01, y01 = (x + 1) / 2, ((y + 1) / 2).clamp(0, 1)
+        ps.append(psnr(y01, x01, reduce=False).cpu())
+        ss.append(ssim(y01, x01, reduce=False).cpu())
+    vae.train()
+    p, s = torch.cat(ps), torch.cat(ss)
+    return {"psnr": float(p.mean()), "psnr_std": float(p.std()), "ssim": float(s.mean()),
+            "ssim_std": float(s.std()), "n": len(p)}
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: torch.Tensor, n: int = 256) -> float:
+    """1 / std of posterior-mode latents (LDM §4.3's rescaling), so latents enter diffusion at ~unit variance."""
+    dev = next(vae.parameters()).device
+    zs = [vae.encode(to_float(images[i:i + 16]).to(dev)).latent_dist.mode().cpu() for i in range(0, min(n, len(images)), 16)]
+    return float(1.0 / torch.cat(zs).std())
+
+
+class _ReconstructStep(torch.nn.Module):
+    """encode -> reparameterised sample -> decode in one forward, so DDP syncs every gradient."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, noise):
+        post = self.vae.encode(x).latent_dist
+        y = self.vae.decode(post.mean + post.std * noise).sample
+        return y, post.kl().mean() / x[0].numel()
+
+
+def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minutes: float | None = None) -> dict:
+    tc = cfg.autoencoder
+    acc = Accelerator(mixed_precision=tc.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    train_imgs, val_imgs = load_split_images(data, cfg.model.resolution)
+    vae = build_vae(cfg.model)
+    if tc.pretrained:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(tc.pretrained)
+    raw = vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
+    model, opt = acc.prepare(_ReconstructStep(vae), opt)
+    ckdir, step = out / "checkpoints-vae", 0
+    if resume:
+        ck = find_checkpoint(ckdir, resume)
+        if ck is not None:
+            step = load_checkpoint(ck, models={"vae": raw}, optimizer=opt)["step"]
+            acc.print(f"resumed from {ck} at step {step}")
+    budget = (minutes if minutes is not None else tc.max_minutes) * 60
+    log_path = out / "vae_log.csv"
+    log = open(log_path, "a", newline="")
+    writer = csv.writer(log)
+    if log_path.stat().st_size == 0:
+        writer.writerow(["step", "loss", "l1", "ssim", "kl", "seconds"])
+    acc.print(f"autoencoder: {count_parameters(raw) / 1e6:.2f}M params, {len(train_imgs)} train / "
+              f"{len(val_imgs)} val images, crop {tc.crop}, latent channels {cfg.model.vae.latent_channels}")
+    t0 = time.time()
+    bar = tqdm(total=tc.steps, initial=step, desc="autoencoder", disable=not acc.is_main_process)
+    while step < tc.steps:
+        g = step_generator(cfg.seed, step, acc.process_index)
+        idx = batch_indices(len(train_imgs), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
+        x = to_float(train_imgs[idx])                                  # (B, 1, 256, 256)
+        H = x.shape[-1]
+        oy, ox = torch.randint(0, H - tc.crop + 1, (2,), generator=g).tolist()
+        x = x[..., oy:oy + tc.crop, ox:ox + tc.crop].to(acc.device)    # (B, 1, crop, crop)
+        f = 2 ** (len(cfg.model.vae.block_out_channels) - 1)
+        noise = torch.randn(len(x), cfg.model.vae.latent_channels, tc.crop // f, tc.crop // f, generator=g)
+        y, kl = model(x, noise.to(acc.device))                         # (B, 1, crop, crop)
+        y = y.float()
+        l1 = (y - x).abs().mean()
+        s = ssim((y.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+        loss = l1 + tc.ssim_weight * (1 - s) + tc.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", ssim=f"{s.item():.3f}")
+        if acc.is_main_process and step % 10 == 0:
+            writer.writerow([step, f"{loss.item():.5f}", f"{l1.item():.5f}", f"{s.item():.4f}", f"{kl.item():.3f}", f"{time.time() - t0:.1f}"])
+            log.flush()
+        out_of_time = budget > 0 and time.time() - t0 > budget
+        if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time):
+            save_checkpoint(ckdir, step, models={"vae": raw}, optimizer=opt, extra={"config": config_dict(cfg)})
+        if acc.is_main_process and step % tc.val_every == 0:
+            m = evaluate_vae(raw, val_imgs[:64])
+            bar.write(f"step {step}: val PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+        if out_of_time:
+            acc.print(f"time budget reached at step {step}")
+            break
+    bar.close()
+    log.close()
+    acc.wait_for_everyone()
+    result = {"steps": step, "train_seconds": time.time() - t0}
+    if acc.is_main_process:
+        result.update(evaluate_vae(raw, val_imgs))
+        raw.register_to_config(scaling_factor=latent_scaling_factor(raw, train_imgs))
+        raw.save_pretrained(out / "vae", safe_serialization=True)
+        result.update(latent_channels=cfg.model.vae.latent_channels, params=count_parameters(raw),
+                      scaling_factor=raw.config.scaling_factor, config=dataclasses.asdict(cfg.autoencoder))
+        write_json(result, out / "vae_metrics.json")
+        acc.print(f"autoencoder val ({result['n']} images, full {cfg.model.resolution}px): "
+                  f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}; exported {out / 'vae'}")
+    return result
+
+
+def sweep(cfg: RunConfig, data: Path, out: Path, channels: list[int], minutes: float) -> None:
+    """Same wall-time budget per latent channel count: reconstruction vs channels and time."""
+    rows = []
+    for c in channels:
+        cfg.model.vae.latent_channels = c
+        r = train(cfg, data, out / f"sweep-c{c}", minutes=minutes)
+        rows.append({"latent_channels": c, "steps": r["steps"], "seconds": round(r["train_seconds"], 1),
+                     "psnr": round(r["psnr"], 3), "ssim": round(r["ssim"], 4)})
+        print(rows[-1])
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
+    ch = [r["latent_channels"] for r in rows]
+    ax[0].plot(ch, [r["psnr"] for r in rows], "o-")
+    ax[0].axhline(30, ls="--", c="gray")
+    ax[0].set(xlabel="latent channels (8x down)", ylabel="val PSNR (dB)", xticks=ch)
+    ax[1].plot(ch, [r["ssim"] for r in rows], "o-")
+    ax[1].axhline(0.85, ls="--", c="gray")
+    ax[1].set(xlabel="latent channels (8x down)", ylabel="val SSIM", xticks=ch)
+    fig.suptitle(f"Autoencoder reconstruction after {minutes:g} min CPU training each")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    print(json.dumps(rows, indent=1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="demo-cpu", help="preset name (tiny, demo-cpu, demo-gpu, full) or YAML path")
+    ap.add_argument("--data", required=True, type=Path, help="folder written by train/prepare_data.py")
+    ap.add_argument("--out", required=True, type=Path, help="run folder")
+    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-time budget (overrides the config)")
+    ap.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    ap.add_argument("--latent-channels", type=int, default=None)
+    ap.add_argument("--sweep", default="", help="comma-separated latent channel counts, e.g. 4,8,16")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config)
+    if a.steps:
+        cfg.autoencoder.steps = a.steps
+    if a.latent_channels:
+        cfg.model.vae.latent_channels = a.latent_channels
+    if a.sweep:
+        sweep(cfg, a.data, a.out, [int(c) for c in a.sweep.split(",")], a.minutes or 4.0)
+    else:
+        train(cfg, a.data, a.out, a.resume, a.minutes)
+
+
+if __name__ == "__main__":
+    main()
