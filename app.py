@@ -22,13 +22,12 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 from PIL import Image
 
 from biomedjourney import NOTICE, heatmaps, journey
-from biomedjourney.config import SamplerConfig
-from biomedjourney.imaging import (ImageLoadError, LoadedImage, cxr_warnings, mark_synthetic, read_image,
-                                   save_png, to_model_input)
+from biomedjourney.config import ModelConfig, SamplerConfig
+from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
+                                   read_image, save_png, to_model_input)
 from biomedjourney.model import SCHEDULERS
 from biomedjourney.pipeline import CONFIG_FILE, MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, default_model_path
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
@@ -69,7 +68,7 @@ def get_pipe() -> BiomedJourneyPipeline:
         if _PIPE is None or _PIPE_SOURCE != src:
             try:
                 _PIPE, _PIPE_SOURCE = BiomedJourneyPipeline.from_pretrained(src), src
-            except (OSError, ValueError, KeyError) as e:  # FileNotFoundError, Hub errors, bad config
+            except Exception as e:  # noqa: BLE001 - missing folder, Hub/network, bad config or weights
                 raise gr.Error(f"No model could be loaded from '{src}': {e} To fix: start the app with "
                                f"`python app.py --model PATH_OR_HUB_ID`, or set {MODEL_ENV}=PATH, or put "
                                "a trained model folder at assets/biomedjourney-cxr (see README).",
@@ -87,8 +86,9 @@ def initial_defaults() -> SamplerConfig:
 
 
 # ======================================================================== helpers
-def _u8(img: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+def _error(message: str, title: str = "Error") -> gr.Error:
+    """A gr.Error for bad input: shown to the user, not logged as a server traceback."""
+    return gr.Error(message, title=title, print_exception=False)
 
 
 def _run_folder(request: gr.Request | None, kind: str) -> Path:
@@ -107,26 +107,26 @@ def _cleanup_session(request: gr.Request):
 
 def _read_prior(prior_file) -> LoadedImage:
     if not prior_file:
-        raise gr.Error("No prior image: upload a PNG, JPEG or DICOM chest X-ray (drag it onto the upload "
-                       "box) or click one of the example images.", title="Prior image missing")
+        raise _error("No prior image: upload a PNG, JPEG or DICOM chest X-ray (drag it onto the upload "
+                     "box) or click one of the example images.", title="Prior image missing")
     try:
         return read_image(prior_file)
     except ImageLoadError as e:
-        raise gr.Error(str(e), title="Cannot read the prior image") from None
+        raise _error(str(e), title="Cannot read the prior image") from None
 
 
 def _check_description(description: str, what: str = "description") -> str:
     text = (description or "").strip()
     if not text:
-        raise gr.Error(f"The {what} is empty: write the change you want to see (e.g. 'New right pleural "
-                       "effusion.'), click an example, or use 'Write it from reports'.",
-                       title="Description missing")
+        raise _error(f"The {what} is empty: write the change you want to see (e.g. 'New right pleural "
+                     "effusion.'), click an example, or use 'Write it from reports'.",
+                     title="Description missing")
     return text
 
 
 def _sampler(num_images, steps, guidance, image_guidance, scheduler) -> dict:
     if scheduler not in SCHEDULERS:
-        raise gr.Error(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
+        raise _error(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
     return {"num_images": int(num_images), "num_inference_steps": int(steps),
             "guidance_scale": float(guidance), "image_guidance_scale": float(image_guidance),
             "scheduler": scheduler}
@@ -136,7 +136,7 @@ def _seed(seed, randomise: bool) -> int:
     if randomise:
         return random.SystemRandom().randrange(2**31 - 1)
     if seed is None:
-        raise gr.Error("The seed is empty: enter a whole number, or tick 'Random seed'.")
+        raise _error("The seed is empty: enter a whole number, or tick 'Random seed'.")
     return int(seed)
 
 
@@ -149,7 +149,8 @@ def _info_markdown(img: LoadedImage, resolution: int, aspect: str) -> str:
     rows = [("File", f"{str(m.get('format', '?')).upper()}, {m.get('mode', '')}".rstrip(", ")),
             ("Size", f"{m.get('width')}×{m.get('height')} px"),
             ("View", m.get("view_position") or "not stated"),
-            ("Modality / body part", " / ".join(x for x in (m.get("modality"), m.get("body_part")) if x) or "not stated"),
+            ("Modality / body part",
+             " / ".join(x for x in (m.get("modality"), m.get("body_part")) if x) or "not stated"),
             ("Model input", f"{resolution}×{resolution} px ({'centre crop' if aspect == 'crop' else 'padded'})")]
     if m.get("pixel_spacing"):
         rows.insert(2, ("Pixel spacing", " × ".join(f"{v:g}" for v in m["pixel_spacing"]) + " mm"))
@@ -187,8 +188,8 @@ def preview_prior(prior_file):
         pipe = get_pipe()
         size, aspect = pipe.resolution, pipe.config.aspect
     except gr.Error:  # no model yet: preview at the package default, generate will explain
-        size, aspect = 256, "crop"
-    return _u8(to_model_input(img.pixels, size, aspect)), _info_markdown(img, size, aspect)
+        size, aspect = ModelConfig.resolution, ModelConfig.aspect
+    return to_uint8(to_model_input(img.pixels, size, aspect)), _info_markdown(img, size, aspect)
 
 
 def generate(prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise,
@@ -205,7 +206,7 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     try:
         out = pipe(loaded, description, seed=seed, callback=_progress(progress, "Generating follow-ups"), **sampler)
     except ValueError as e:
-        raise gr.Error(str(e), title="Invalid settings") from None
+        raise _error(str(e), title="Invalid settings") from None
     seconds = time.perf_counter() - t0
 
     progress(0.95, desc="Heatmaps and files")
@@ -213,26 +214,28 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     files = [Path(p) for p in save_outputs(out, folder, prompt=description, dicom=True, source=loaded)]
     prior, imgs = out.prior, out.images
     n = len(imgs)
-    diff_maps = [heatmaps.overlay_figure(prior, heatmaps.difference(prior, im),
-                                         title=f"Sample {i + 1} (seed {s}): follow-up − prior")
-                 for i, (im, s) in enumerate(zip(imgs, out.seeds))]
-    mean_map = heatmaps.overlay_figure(prior, heatmaps.mean_change(prior, imgs),
-                                       title=f"Mean change over {n} sample{'s' * (n > 1)}")
-    std_map = heatmaps.overlay_figure(prior, heatmaps.uncertainty(imgs), kind="std",
-                                      title="Uncertainty: std across samples" if n > 1 else
-                                      "Uncertainty needs ≥ 2 samples")
-    for name, fig in [(f"heatmap_sample{i + 1}.png", d) for i, d in enumerate(diff_maps)] + \
-                     [("heatmap_mean_change.png", mean_map), ("heatmap_uncertainty.png", std_map)]:
+    figures = {f"heatmap_sample{i + 1}.png": heatmaps.overlay_figure(
+        prior, heatmaps.difference(prior, im), title=f"Sample {i + 1} (seed {s}): follow-up − prior")
+        for i, (im, s) in enumerate(zip(imgs, out.seeds))}
+    figures["heatmap_mean_change.png"] = heatmaps.overlay_figure(
+        prior, heatmaps.mean_change(prior, imgs), title=f"Mean change over {n} sample{'s' * (n > 1)}")
+    figures["heatmap_uncertainty.png"] = heatmaps.overlay_figure(
+        prior, heatmaps.uncertainty(imgs), kind="std",
+        title="Uncertainty: std across samples" if n > 1 else "Uncertainty needs ≥ 2 samples")
+    maps = []  # shown by path: the PNGs are written once, not re-encoded by gradio
+    for name, fig in figures.items():
         Image.fromarray(fig).save(folder / name)
-        files.append(folder / name)
+        maps.append(folder / name)
+    files += maps
     zip_path = journey.make_zip(files, folder / "biomedjourney_followups.zip")
 
-    gallery = [(_u8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}") for i, (im, s) in enumerate(zip(imgs, out.seeds))]
-    heat_gallery = [(d, f"Sample {i + 1}") for i, d in enumerate(diff_maps)]
+    gallery = [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")
+               for i, (im, s) in enumerate(zip(imgs, out.seeds))]
+    heat_gallery = [(str(p), f"Sample {i + 1}") for i, p in enumerate(maps[:n])]
     settings = {**out.settings, "generation_seconds": round(seconds, 2),
                 "note": "image i is reproduced by seed = seeds[i] with 1 sample", "disclaimer": NOTICE}
     state = {"prior": prior, "images": imgs, "seeds": out.seeds}
-    return (gallery, (_u8(prior), gallery[0][0]), heat_gallery, mean_map, std_map, settings,
+    return (gallery, (to_uint8(prior), gallery[0][0]), heat_gallery, str(maps[n]), str(maps[n + 1]), settings,
             [str(p) for p in files], str(zip_path), seed, state)
 
 
@@ -241,7 +244,7 @@ def compare(state, evt: gr.SelectData):
     if not state:
         return gr.skip()
     i = int(evt.index) if isinstance(evt.index, int) else int(evt.index[0])
-    return _u8(state["prior"]), _u8(mark_synthetic(state["images"][i]))
+    return to_uint8(state["prior"]), to_uint8(mark_synthetic(state["images"][i]))
 
 
 def describe(prior_report, followup_report, intended_change, backend="auto"):
@@ -249,17 +252,17 @@ def describe(prior_report, followup_report, intended_change, backend="auto"):
     followup = (followup_report or "").strip() or None
     intended = (intended_change or "").strip() or None
     if not (prior_report or "").strip():
-        raise gr.Error("Paste the prior report first.", title="Prior report missing")
+        raise _error("Paste the prior report first.", title="Prior report missing")
     if followup and intended:
-        raise gr.Error("Fill in either the follow-up report or the intended change, not both.",
-                       title="Two targets given")
+        raise _error("Fill in either the follow-up report or the intended change, not both.",
+                     title="Two targets given")
     if not followup and not intended:
-        raise gr.Error("Paste a follow-up report, or write the intended change (e.g. 'new right "
-                       "effusion').", title="Follow-up missing")
+        raise _error("Paste a follow-up report, or write the intended change (e.g. 'new right "
+                     "effusion').", title="Follow-up missing")
     try:
         res = describe_progression(prior_report, followup, intended_change=intended, backend=backend)
     except (ValueError, ProgressionError) as e:
-        raise gr.Error(str(e), title="Could not describe the change") from None
+        raise _error(str(e), title="Could not describe the change") from None
     if res.backend == "openai":
         who = "GPT-4" if res.model.lower().startswith("gpt-4") else "LLM"
         used = f"{who} via OpenAI-compatible API (model {res.model}){' — cached answer' if res.cached else ''}"
@@ -277,7 +280,7 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     try:
         plan = journey.parse_journey(journey_text)
     except ValueError as e:
-        raise gr.Error(str(e), title="Cannot read the journey") from None
+        raise _error(str(e), title="Cannot read the journey") from None
     loaded = _read_prior(prior_file)
     sampler = _sampler(1, steps, guidance, image_guidance, scheduler)
     seed = _seed(seed, randomise)
@@ -286,7 +289,7 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
         outs = journey.generate_journey(pipe, loaded, [d for _, d in plan], seed=seed,
                                         callback=_progress(progress, "Generating the journey"), **sampler)
     except ValueError as e:
-        raise gr.Error(str(e), title="Invalid settings") from None
+        raise _error(str(e), title="Invalid settings") from None
 
     progress(0.97, desc="Filmstrip and GIF")
     folder = _run_folder(request, "journey")
@@ -356,7 +359,8 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                     description = gr.Textbox(label="Describe the change (editable)", lines=2, max_lines=6,
                                              placeholder="e.g. New right pleural effusion.")
                     gr.Examples(examples=[[t] for t in EXAMPLE_DESCRIPTIONS], inputs=[description],
-                                label="Example descriptions (click to use)", examples_per_page=len(EXAMPLE_DESCRIPTIONS))
+                                label="Example descriptions (click to use)",
+                                examples_per_page=len(EXAMPLE_DESCRIPTIONS))
                     with gr.Accordion("Write it from reports", open=False):
                         prior_report = gr.Textbox(label="Prior report", lines=3)
                         followup_report = gr.Textbox(label="Follow-up report", lines=3)
@@ -370,7 +374,7 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                 with gr.Column(scale=2):
                     with gr.Accordion("Settings", open=True):
                         num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
-                                               info="More samples show what the model is unsure about (uncertainty map).")
+                                               info="More samples show where the model is unsure (uncertainty map).")
                         steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",
                                           info="More steps: finer detail but slower.")
                         guidance = gr.Slider(0, 15, value=_d.guidance_scale, step=0.5, label="Text guidance",
@@ -399,9 +403,10 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                                     elem_id="mean-change", scale=1)
                 std_img = gr.Image(label="Uncertainty", format="png", interactive=False, height=380,
                                    elem_id="uncertainty", scale=1)
-            gr.Markdown("**Reading the maps:** 🟥 red = brighter/denser in the follow-up (e.g. new opacity or "
-                        "effusion) · 🟦 blue = darker/more lucent (e.g. clearing) · uncertainty = where the samples "
-                        "disagree. The colour range is robust (99th percentile of the change), so tiny changes stay faint.")
+            gr.Markdown("**Reading the maps:** <span style='color:#b2182b'>■ red</span> = brighter/denser in the "
+                        "follow-up (e.g. new opacity or effusion) · <span style='color:#2166ac'>■ blue</span> = "
+                        "darker/more lucent (e.g. clearing) · uncertainty = where the samples disagree. The colour "
+                        "range is robust (99th percentile of the change), so tiny changes stay faint.")
             with gr.Row(equal_height=False):
                 settings_json = gr.JSON(label="Seed and settings", open=False)
                 with gr.Column():
@@ -438,18 +443,21 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
     generate_btn.click(
         generate, [prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise, scheduler],
         [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state],
-        api_name="generate", scroll_to_output=True)
+        api_name="generate", scroll_to_output=True, concurrency_id="model",
+        show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
     gallery.select(compare, state, slider, api_visibility="private", queue=False)
     describe_btn.click(describe, [prior_report, followup_report, intended_change, backend],
-                       [description, describe_info], api_name="describe")
+                       [description, describe_info], api_name="describe",
+                       show_progress_on=describe_info)  # an error must not cover the description
     journey_btn.click(
         run_journey, [prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler, duration],
-        [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey")
+        [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
+        concurrency_id="model", show_progress_on=[strip_img, gif_img])
     demo.load(on_load, None, [num_images, steps, guidance, image_guidance, seed, scheduler, model_status],
               api_visibility="private")
     demo.unload(_cleanup_session)
 
-demo.queue(default_concurrency_limit=1)  # one generation at a time: one CPU/GPU
+demo.queue(default_concurrency_limit=1)  # one run at a time per event; generate + journey share "model"
 
 
 def main(argv=None):

@@ -117,7 +117,7 @@ def overlay_figure(prior: np.ndarray, signed_map: np.ndarray, *, title: str, vma
 
     kind='difference': diverging RdBu_r centred at 0 (red = brighter in follow-up);
     kind='std': sequential inferno from 0. vmax=None -> robust_vmax (99th percentile of |map|,
-    floored). Returns (H, W, 3) uint8 (540×520 px); the image sits in AXES_RECT.
+    floored). Returns (H, W, 3) uint8, (540, 520, 3) at FIGSIZE and DPI; the image sits in AXES_RECT.
     """
     rgb, vmax = overlay_rgb(prior, signed_map, vmax=vmax, kind=kind, smooth=smooth)
     fig = Figure(figsize=FIGSIZE, dpi=DPI, facecolor="white")

@@ -446,7 +446,7 @@ def to_model_input(pixels: np.ndarray, size: int = 256, aspect: str = "crop") ->
     else:
         scale = size / max(h, w)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    a8 = _to_uint8(a)  # (H, W) uint8, as the dataset
+    a8 = to_uint8(a)  # (H, W) uint8, as the dataset
     if (nh, nw) != (h, w):
         a8 = np.asarray(Image.fromarray(a8).resize((nw, nh), Image.Resampling.LANCZOS))
     a = a8.astype(np.float32) / 255.0
@@ -541,14 +541,14 @@ def mark_synthetic(img: np.ndarray, text: str = "SYNTHETIC") -> np.ndarray:
     return out
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
+def to_uint8(img: np.ndarray) -> np.ndarray:
     a = np.asarray(img, dtype=np.float32)
     if a.ndim != 2:
         raise ValueError(f"expected an (H, W) image, got shape {a.shape}")
     return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path) on a temp file next to ``path``, then os.replace it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -574,12 +574,12 @@ def save_png(img: np.ndarray, path: str | os.PathLike, *, synthetic: bool = True
 
     if synthetic and burn_in:
         img = mark_synthetic(img)
-    im = Image.fromarray(_to_uint8(img))  # mode L
+    im = Image.fromarray(to_uint8(img))  # mode L
     info = PngInfo()
     if synthetic:
         info.add_text("Software", "BiomedJourney")
         info.add_text("Description", " ".join(x for x in (SYNTHETIC_DESCRIPTION, description) if x))
-    return _atomic_write(path, lambda tmp: im.save(tmp, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG", pnginfo=info))
 
 
 def _clip(text: str, max_bytes: int) -> str:
@@ -609,7 +609,7 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     """
     if burn_in:
         img = mark_synthetic(img)
-    pixels = _to_uint8(img)  # (H, W) uint8
+    pixels = to_uint8(img)  # (H, W) uint8
     now = datetime.now()
 
     meta = FileMetaDataset()
@@ -661,7 +661,7 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
             ds.PixelSpacing = [float(v) for v in sm["pixel_spacing"]]
     ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=8,
                       generate_instance_uid=False)
-    return _atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def read_dicom_markers(path: str | os.PathLike) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .imaging import SYNTHETIC_DESCRIPTION, _atomic_write, _to_uint8, mark_synthetic
+from .imaging import SYNTHETIC_DESCRIPTION, atomic_write, to_uint8, mark_synthetic
 
 MAX_STEPS = 12          # a journey longer than this is refused (each step is a full generation)
 MAX_LABEL_CHARS = 30    # "label: description": a longer prefix is part of the description
@@ -85,7 +85,7 @@ def _font(px: int):
 
 def _captioned(img: np.ndarray, label: str, synthetic: bool) -> np.ndarray:
     """(H, W) [0, 1] -> (H + bar, W) uint8 with ``label`` in a black bar below, SYNTHETIC burned in."""
-    a = _to_uint8(mark_synthetic(img) if synthetic else img)                   # (H, W)
+    a = to_uint8(mark_synthetic(img) if synthetic else img)                   # (H, W)
     h, w = a.shape
     px = max(10, round(w / 16))
     bar = px + px // 2 + 4
@@ -135,7 +135,7 @@ def write_gif(images: Sequence[np.ndarray], labels: Sequence[str], path: str | o
     if duration_ms <= 0:
         raise ValueError(f"duration_ms must be positive, got {duration_ms}")
     frames = [Image.fromarray(f) for f in _frames(images, labels, synthetic)]
-    return _atomic_write(path, lambda tmp: frames[0].save(
+    return atomic_write(path, lambda tmp: frames[0].save(
         tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(duration_ms), loop=0,
         comment=SYNTHETIC_DESCRIPTION.encode()))
 
@@ -154,7 +154,7 @@ def make_zip(paths: Sequence[str | os.PathLike], zip_path: str | os.PathLike) ->
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             for p in paths:
                 z.write(p, arcname=p.resolve().relative_to(root).as_posix())
-    return _atomic_write(zip_path, write)
+    return atomic_write(zip_path, write)
 
 
 __all__ = ["parse_journey", "generate_journey", "filmstrip", "write_gif", "make_zip", "MAX_STEPS"]

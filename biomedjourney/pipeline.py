@@ -77,7 +77,7 @@ class BiomedJourneyPipeline:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BiomedJourneyPipeline":
         for m in (self.unet, self.vae):
-            m.to(device=device, dtype=dtype)
+            m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)  # text encoders stay fp32 (small, and run once per call)
         self._uncond = None
         return self

@@ -1,7 +1,6 @@
 """The app's handlers called directly (no server), with the tiny model; and journey.py's pieces."""
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
@@ -99,8 +98,10 @@ def test_generate_returns_marked_images_heatmaps_and_files(app_module, generated
         assert img.shape == (64, 64) and img.dtype == np.uint8 and _has_label(img)
     assert not _has_label(before) and _has_label(after)  # the prior is shown as it is
     assert len(heat) == 2
-    for fig in [h for h, _ in heat] + [mean_map, std_map]:
-        assert fig.dtype == np.uint8 and fig.ndim == 3 and fig.shape[2] == 3 and fig.shape[0] > 300
+    assert [cap for _, cap in heat] == ["Sample 1", "Sample 2"]
+    for path in [h for h, _ in heat] + [mean_map, std_map]:
+        with Image.open(path) as im:  # rendered figures (RGB), saved with the run
+            assert im.mode == "RGB" and im.height > 300 and Path(path).parent == Path(zip_path).parent
 
     paths = [Path(p) for p in files]
     assert all(p.is_file() for p in paths)

@@ -42,6 +42,11 @@ def test_upload_generate_download(page, app_url, rg1_path, tmp_path):
     page.locator("#model-status").get_by_text("64×64 px").wait_for()  # demo.load loaded the model
     page.screenshot(path=SCREENSHOTS / "01_start.png", full_page=True)
 
+    # generating with nothing filled in is an error toast, and the seed box stays usable
+    page.locator("#generate").click()
+    page.locator(".toast-body.error", has_text="description is empty").wait_for()
+    expect(page.get_by_label("Seed", exact=True)).to_be_visible()
+
     # upload the DICOM prior: the model-input preview and identifier-free info appear
     page.locator("input[type=file]").first.set_input_files(rg1_path)
     page.get_by_text("1841×1955 px").wait_for()
@@ -77,6 +82,13 @@ def test_upload_generate_download(page, app_url, rg1_path, tmp_path):
     assert "SYNTHETIC" in markers["SeriesDescription"]
 
     # click the second follow-up: the comparison slider switches to it (no error toast)
-    page.locator("#followups button").nth(1).click()
+    def slider_srcs():
+        return page.locator("#compare img").evaluate_all("els => els.map(e => e.src)")
+    shown = slider_srcs()
+    page.locator("#followups").get_by_label("Thumbnail 2 of 2").click()
+    deadline = time.monotonic() + 30
+    while slider_srcs() == shown and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert slider_srcs() != shown
     page.screenshot(path=SCREENSHOTS / "04_compare.png", full_page=True)
-    assert page.locator(".toast-body.error").count() == 0
+    assert page.locator(".toast-body.error", has_not_text="description is empty").count() == 0

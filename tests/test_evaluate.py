@@ -166,7 +166,7 @@ def test_scorer_copy_prior_is_maximal_reid_and_zero_change():
 def test_not_computed_row_has_command_and_stable_keys():
     r = table.not_computed("single_stage", "no model given")
     assert r["status"] == "not computed" and "--no-curriculum" in r["command"] and "--row single_stage=" in r["reason"]
-    assert table.not_computed("no_registration", "x")["command"].endswith("--no-register")
+    assert "--no-register" in table.not_computed("no_registration", "x")["command"]
     done = table.finish_row("full", {"cmig": {"mean": 0.5, "std": 0.1, "n": 3}})
     assert set(r) == set(done)                                       # same keys whatever the status
     for m in table.METRICS:

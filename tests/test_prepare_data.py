@@ -291,3 +291,38 @@ def test_module_mode_runs():
     r = subprocess.run([sys.executable, "-m", "train.prepare_data", "--help"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--reg-threshold" in r.stdout
+
+
+def test_describe_backends_on_generic_csv(tmp_path, monkeypatch):
+    from biomedjourney import progression
+
+    path = write_generic(tmp_path / "d")
+    base = ["--source", "csv", "--data", str(path), "--no-licence-filter", "--no-register"]
+    main(base + ["--out", str(tmp_path / "rules"), "--describe", "rules"])  # from the two image texts
+    pairs = {r["pair_id"]: r for r in read_manifest(tmp_path / "rules" / "stage2.csv")}
+    assert pairs["a0__a1"]["text_origin"] == "rules" and "effusion" in pairs["a0__a1"]["text"].lower()
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY"):
+        main(base + ["--out", str(tmp_path / "none"), "--describe", "openai"])
+
+    calls = []
+
+    class FakeDescriber:  # stands in for the OpenAI client: one instance for the whole run
+        def __init__(self, config):
+            calls.append("init")
+
+        def describe(self, prior, followup):
+            calls.append((prior, followup))
+            return progression.ProgressionResult(text=f"LLM: {followup}", backend="openai")
+
+        def usage_summary(self):
+            return {"calls": len(calls) - 1}
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setattr(progression, "OpenAIDescriber", FakeDescriber)
+    rep = main(base + ["--out", str(tmp_path / "llm"), "--describe", "openai"])
+    pairs = {r["pair_id"]: r for r in read_manifest(tmp_path / "llm" / "stage2.csv")}
+    assert pairs["a0__a1"]["text"] == "LLM: Right effusion." and pairs["a0__a1"]["text_origin"] == "openai"
+    assert calls.count("init") == 1 and rep["describe_usage"] == {"calls": 4}

@@ -115,7 +115,8 @@ def init_unet(cfg: RunConfig, tc: DiffusionTrain, stage: int, vae: AutoencoderKL
     if not src:
         torch.manual_seed(cfg.seed)
         return build_unet(cfg.model, lc, text_dim)
-    sub = "unet" if (Path(src) / "unet").is_dir() else None
+    local = Path(src).is_dir()
+    sub = "unet" if (Path(src) / "unet").is_dir() or not local else None  # hub ids: the repo's unet/ folder
     unet = UNet2DConditionModel.from_pretrained(src, subfolder=sub, torch_dtype=torch.float32)
     if unet.config.in_channels == lc:  # a text-to-image UNet (e.g. SD 1.5): add the prior's channels
         unet = widen_conv_in(unet, lc)

@@ -82,7 +82,10 @@ class _ReconstructStep(torch.nn.Module):
         return y, post.kl().mean() / x[0].numel()
 
 
-def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minutes: float | None = None) -> dict:
+def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minutes: float | None = None,
+          init: Path | None = None, decoder_only: bool = False) -> dict:
+    """Train (or, with decoder_only, fine-tune only the decoder of `init`: latents stay identical,
+    so a UNet trained on the frozen encoder's latents keeps working; as SD's ft-MSE VAE)."""
     tc = cfg.autoencoder
     acc = Accelerator(mixed_precision=tc.mixed_precision)
     torch.manual_seed(cfg.seed)
@@ -91,15 +94,27 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
     vae = build_vae(cfg.model)
     if tc.pretrained:
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(tc.pretrained)
+        sub = None if (Path(tc.pretrained) / "config.json").is_file() else "vae"  # hub pipelines: vae/ subfolder
+        vae = AutoencoderKL.from_pretrained(tc.pretrained, subfolder=sub)
+    if init is not None:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(init, torch_dtype=torch.float32)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
     raw = vae
-    opt = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
+    from diffusers.optimization import get_scheduler
+    lr_sched = get_scheduler("cosine", opt, num_warmup_steps=min(100, tc.steps // 10), num_training_steps=tc.steps)
     model, opt = acc.prepare(_ReconstructStep(vae), opt)
     ckdir, step = out / "checkpoints-vae", 0
     if resume:
         ck = find_checkpoint(ckdir, resume)
         if ck is not None:
-            step = load_checkpoint(ck, models={"vae": raw}, optimizer=opt)["step"]
+            meta = load_checkpoint(ck, models={"vae": raw}, optimizer=opt)
+            step = meta["step"]
+            lr_sched.load_state_dict(meta["extra"]["lr_sched"])
             acc.print(f"resumed from {ck} at step {step}")
     budget = (minutes if minutes is not None else tc.max_minutes) * 60
     log_path = out / "vae_log.csv"
@@ -128,6 +143,7 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
+        lr_sched.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", ssim=f"{s.item():.3f}")
@@ -136,7 +152,8 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
             log.flush()
         out_of_time = budget > 0 and time.time() - t0 > budget
         if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time):
-            save_checkpoint(ckdir, step, models={"vae": raw}, optimizer=opt, extra={"config": config_dict(cfg)})
+            save_checkpoint(ckdir, step, models={"vae": raw}, optimizer=opt,
+                            extra={"config": config_dict(cfg), "lr_sched": lr_sched.state_dict()})
         if acc.is_main_process and step % tc.val_every == 0:
             m = evaluate_vae(raw, val_imgs[:64])
             bar.write(f"step {step}: val PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
@@ -149,10 +166,12 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
     result = {"steps": step, "train_seconds": time.time() - t0}
     if acc.is_main_process:
         result.update(evaluate_vae(raw, val_imgs))
-        raw.register_to_config(scaling_factor=latent_scaling_factor(raw, train_imgs))
+        if not decoder_only:  # the encoder (and so the latent scale) is unchanged when only the decoder trains
+            raw.register_to_config(scaling_factor=latent_scaling_factor(raw, train_imgs))
         raw.save_pretrained(out / "vae", safe_serialization=True)
         result.update(latent_channels=cfg.model.vae.latent_channels, params=count_parameters(raw),
-                      scaling_factor=raw.config.scaling_factor, config=dataclasses.asdict(cfg.autoencoder))
+                      scaling_factor=raw.config.scaling_factor, config=dataclasses.asdict(cfg.autoencoder),
+                      decoder_only=decoder_only, init=str(init or ""))
         write_json(result, out / "vae_metrics.json")
         acc.print(f"autoencoder val ({result['n']} images, full {cfg.model.resolution}px): "
                   f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}; exported {out / 'vae'}")
@@ -198,17 +217,22 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget (overrides the config)")
     ap.add_argument("--steps", type=int, default=None, help="override the config's step count")
     ap.add_argument("--latent-channels", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
+    ap.add_argument("--init", type=Path, default=None, help="start from this autoencoder folder")
+    ap.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder (latents unchanged)")
     ap.add_argument("--sweep", default="", help="comma-separated latent channel counts, e.g. 4,8,16")
     a = ap.parse_args(argv)
     cfg = load_config(a.config)
     if a.steps:
         cfg.autoencoder.steps = a.steps
+    if a.lr:
+        cfg.autoencoder.lr = a.lr
     if a.latent_channels:
         cfg.model.vae.latent_channels = a.latent_channels
     if a.sweep:
         sweep(cfg, a.data, a.out, [int(c) for c in a.sweep.split(",")], a.minutes or 4.0)
     else:
-        train(cfg, a.data, a.out, a.resume, a.minutes)
+        train(cfg, a.data, a.out, a.resume, a.minutes, init=a.init, decoder_only=a.decoder_only)
 
 
 if __name__ == "__main__":

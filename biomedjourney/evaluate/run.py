@@ -224,6 +224,9 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
 
     model_path = Path(model) if model else default_model_path()
     paths = {"full": cfg.rows.get("full") or model_path, **{k: v for k, v in cfg.rows.items() if k != "full"}}
+    for row in table.DEFAULT_ROW_PATHS:  # ablation exports at their conventional place (train/run_recipe.sh)
+        if row not in paths and (REPO_ROOT / table.EXPORTS[row]).is_dir():
+            paths[row] = REPO_ROOT / table.EXPORTS[row]
     rows: dict[str, dict] = {}
     grid = [{"text": pd.texts[i], "prior": pd.prior[i], "real follow-up": pd.followup[i]}
             for i in range(min(cfg.grid_pairs, len(pairs)))]
@@ -260,7 +263,8 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
         if present(p):
             run_model(row, p, False, f"model {p}")
         else:
-            rows[row] = table.not_computed(row, f"no model folder at {p}" if p else f"no model given (--row {row}=PATH)")
+            rows[row] = table.not_computed(row, f"no model folder at {p}" if p else
+                                           f"no --row {row}=PATH and nothing at {table.EXPORTS[row]}")
     if present(full):
         run_model("full", full, False, f"model {full}")
     else:
@@ -283,6 +287,10 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
             "CMIG = sqrt(PathAUC * sqrt(SexAUC * max(AgeR, 0))): the BiomedJourney paper's combination of pathology "
             "AUC with race AUC and age correlation as reported in secondary sources, with sex AUC in place of race "
             "(the dataset has no race); negative age r is clamped to 0. All components are reported.",
+            "copy_prior is a strong CMIG baseline: CMIG rewards keeping the patient, and labels often persist "
+            "from prior to follow-up, so path_auc is high without following the text. path_auc_changed (labels "
+            "that change between prior and follow-up) is the component that requires following the text: "
+            "copying the prior scores far below 0.5 there.",
             "Pathology AUC uses the follow-up's labels; a label counts only for sources that report it "
             "(e.g. COVID-19 is unknown, not negative, for nih) and only when both classes occur among the pairs.",
             "Re-identification: cosine similarity of evaluator embeddings; negatives are the distinct priors of "

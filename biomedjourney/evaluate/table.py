@@ -28,14 +28,22 @@ ROW_DESCRIPTIONS = {
     "full": "BiomedJourney: prior + progression text",
 }
 GENERATED_ROWS = ("text_only", "single_stage", "no_registration", "full")
-# How to produce a missing row's model (placeholders until the lead fixes the training CLI); the
-# model folder it exports is then passed as --model (full) or --row NAME=FOLDER.
+# How to produce each row's model with train/ (see train/run_recipe.sh), and the folder it exports.
+_PREP = "--config demo-cpu --data work/data/cxr-prep --vae work/runs/demo-cpu/vae"
 TRAIN_COMMANDS = {
-    "full": "python train/train.py --config demo-cpu",
-    "text_only": "python train/train.py --config demo-cpu --stage 1",
-    "single_stage": "python train/train.py --config demo-cpu --stage 2 --no-curriculum",
-    "no_registration": "python train/train.py --config demo-cpu --no-register",
+    "full": "bash train/run_recipe.sh demo-cpu",
+    "text_only": "bash train/run_recipe.sh demo-cpu",
+    "single_stage": f"python train/train.py --stage 2 --no-curriculum {_PREP} --out work/runs/single-stage",
+    "no_registration": f"python train/train.py --stage 2 --no-register {_PREP} "
+                       "--init-unet work/runs/demo-cpu/stage1/export --out work/runs/no-register",
 }
+EXPORTS = {  # relative to the repository root; ablation rows use these by default when they exist
+    "full": "work/runs/demo-cpu/stage2/export",
+    "text_only": "work/runs/demo-cpu/stage1/export",
+    "single_stage": "work/runs/single-stage/stage2/export",
+    "no_registration": "work/runs/no-register/stage2/export",
+}
+DEFAULT_ROW_PATHS = ("single_stage", "no_registration")
 
 
 METRICS = {
@@ -60,8 +68,8 @@ EMPTY = {"mean": None, "std": None, "n": 0}
 
 def not_computed(row: str, reason: str, command: str | None = None) -> dict:
     """A row that was not measured, with the command that makes its model."""
-    flag = "--model" if row == "full" else f"--row {row}="
-    reason = f"{reason}; train it, then pass its model folder with {flag}"
+    flag = "--model" if row == "full" else f"--row {row}=FOLDER"
+    reason = f"{reason}; the command below exports {EXPORTS.get(row, 'a model folder')} (pass it with {flag})"
     return finish_row(row, {"status": "not computed", "reason": reason,
                             "command": command if command is not None else TRAIN_COMMANDS.get(row, "")})
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole curriculum for one preset, end to end (what trained the shipped model with demo-cpu):
+#   bash train/run_recipe.sh demo-cpu            # -> work/runs/demo-cpu/stage2/export
+# Environment: BIOMEDJOURNEY_DATA (dataset folder), OMP_NUM_THREADS (CPU threads).
+# Each step resumes from its latest checkpoint when rerun (--resume latest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:-demo-cpu}
+DATA=${BIOMEDJOURNEY_DATA:-../shared/data/cxr}
+PREP=work/data/cxr-prep
+RUN=work/runs/$CONFIG
+python train/prepare_data.py --source cxr --data "$DATA" --out "$PREP"
+python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN" --resume latest
+python train/train.py --stage 1 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
+python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
+echo "exported: $RUN/stage2/export  (copy it to assets/biomedjourney-cxr to make it the default)"
