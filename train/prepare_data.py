@@ -80,8 +80,8 @@ from tqdm.auto import tqdm
 from biomedjourney.config import write_json
 from biomedjourney.dataset import (ImageRow, PairRow, caption_for, licence_ok_for_weights, load_images,
                                    load_pairs, split_of)
-from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, write_manifest
 from biomedjourney.imaging import read_image, save_png
+from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, write_manifest
 from train.register import DEFAULT_THRESHOLD, register
 
 MIMIC_LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"

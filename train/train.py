@@ -194,7 +194,9 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
           minutes: float | None = None, curriculum: bool = True, register: bool = True,
           export_dtype: str = "fp16", command: str = "", stop_after: int | None = None) -> dict:
     tc = cfg.stage1 if stage == 1 else cfg.stage2
-    acc = Accelerator(mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=str(out / f"stage{stage}"))
+    # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
+                      log_with="tensorboard", project_dir=str(out / f"stage{stage}"))
     sdir = out / f"stage{stage}"
     sdir.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(acc.device).eval().requires_grad_(False)

@@ -87,7 +87,8 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
     """Train (or, with decoder_only, fine-tune only the decoder of `init`: latents stay identical,
     so a UNet trained on the frozen encoder's latents keeps working; as SD's ft-MSE VAE)."""
     tc = cfg.autoencoder
-    acc = Accelerator(mixed_precision=tc.mixed_precision)
+    # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     train_imgs, val_imgs = load_split_images(data, cfg.model.resolution)
