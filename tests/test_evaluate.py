@@ -233,7 +233,8 @@ def test_cli_end_to_end_on_fake_split(tmp_path):
     out = tmp_path / "eval"
     main(["--model", str(model), "--data", str(root), "--split", "val", "--out", str(out), "--seeds", "2",
           "--limit", "3", "--num-inference-steps", "2", "--evaluators", str(tmp_path / "ev"), "--threads", "1",
-          "--row", f"single_stage={model}", "--row", f"no_registration={tmp_path / 'absent'}"])
+          "--row", f"single_stage={model}", "--row", f"no_registration={tmp_path / 'absent'}",
+          "--no-shipped-baselines"])
     res = json.loads((out / "results.json").read_text())
     assert list(res["rows"]) == list(table.ROWS) == res["row_order"]
     assert {"rows", "row_order", "metrics", "evaluator_ceilings", "settings", "notes"} <= set(res)

@@ -105,3 +105,16 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_prep, tmp_path):
     h1 = (tmp_path / "stage1" / "weights-rank1.sha256").read_text()
     assert h0 == h1
     assert (tmp_path / "stage1" / "export" / "model_index.json").is_file()
+
+
+def test_v_prediction_is_trained_and_exported_with_its_scheduler(tiny_prep, tmp_path):
+    from train.config import load_config
+    from train.train import train
+    cfg = load_config("tiny")
+    cfg.model.prediction_type = "v_prediction"
+    cfg.stage1.steps = 2
+    train(cfg, 1, tiny_prep, tiny_prep / "vae", tmp_path)
+    pipe = BiomedJourneyPipeline.from_pretrained(tmp_path / "stage1" / "export")
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    out = pipe(None, "Findings: Effusion.", num_images=1, seed=0)
+    assert np.isfinite(out.images[0]).all()

@@ -90,7 +90,9 @@ def build_cache(rows: list[dict], vae: AutoencoderKL, text_spec, resolution: int
     cache = {"latents": lat, "text_emb": torch.cat(embs), "text_mask": torch.cat(masks),
              "image_keys": _keys(images), "text_keys": _keys(texts)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(cache, path, metadata={"images": json.dumps(images), "texts": json.dumps(texts)})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(cache, tmp, metadata={"images": json.dumps(images), "texts": json.dumps(texts)})
+    tmp.replace(path)  # atomic: a second run sharing the cache never reads half a file
     return load_file(path)
 
 
@@ -192,7 +194,8 @@ def validation_grid(pipe: BiomedJourneyPipeline, val: list[dict], cache: dict, i
 # ---------------------------------------------------------------- training
 def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, resume: str | None = None,
           minutes: float | None = None, curriculum: bool = True, register: bool = True,
-          export_dtype: str = "fp16", command: str = "", stop_after: int | None = None) -> dict:
+          export_dtype: str = "fp16", command: str = "", stop_after: int | None = None,
+          cache_dir: Path | None = None) -> dict:
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
@@ -210,7 +213,7 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     tag = hashlib.sha256(f"{manifest_hash(data / ('stage1.csv' if stage == 1 else 'stage2.csv'))}:{register}:"
                          f"{(Path(vae_path) / 'diffusion_pytorch_model.safetensors').stat().st_mtime_ns}:"
                          f"{json.dumps(text_spec)}".encode()).hexdigest()[:12]
-    cache_path = out / f"cache-stage{stage}-{tag}.safetensors"
+    cache_path = (cache_dir or out) / f"cache-stage{stage}-{tag}.safetensors"  # runs on the same data share it
     if acc.is_main_process:
         build_cache(rows + val_rows, vae, text_spec, cfg.model.resolution, cache_path, acc.device)
     acc.wait_for_everyone()
@@ -352,6 +355,7 @@ def main(argv=None):
     ap.add_argument("--init-unet", default=None, help="UNet to start from (stage 2 default: OUT/stage1/export)")
     ap.add_argument("--no-curriculum", action="store_true", help="stage 2 from random init (single-stage baseline)")
     ap.add_argument("--no-register", action="store_true", help="stage 2 on unregistered priors, all pairs (ablation)")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="where latent/text caches live (default: --out)")
     ap.add_argument("--export-dtype", default="fp16", choices=["fp16", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = ap.parse_args(argv)
@@ -364,7 +368,8 @@ def main(argv=None):
     if a.init_unet is not None:
         tc.init_unet = a.init_unet
     train(cfg, a.stage, a.data, a.vae, a.out, a.resume, a.minutes, curriculum=not a.no_curriculum,
-          register=not a.no_register, export_dtype=a.export_dtype, command=" ".join(sys.argv), stop_after=a.stop_after)
+          register=not a.no_register, export_dtype=a.export_dtype, command=" ".join(sys.argv), stop_after=a.stop_after,
+          cache_dir=a.cache_dir)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--include-no-text", action="store_true", help="also pairs without progression text (empty prompt)")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=PATH",
                     help=f"model folder for a row ({', '.join(table.GENERATED_ROWS)}); repeatable")
+    ap.add_argument("--no-shipped-baselines", action="store_true",
+                    help="don't use assets/baselines/* for rows not given with --row")
     ap.add_argument("--num-inference-steps", type=int, default=None)
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--image-guidance-scale", type=float, default=None)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EvalConfig(split=a.split, replicates=a.seeds, limit=a.limit, include_no_text=a.include_no_text,
                      num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,
                      image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, seed=a.seed,
-                     register=not a.no_register_metrics, rows=parse_rows(a.row))
+                     register=not a.no_register_metrics, rows=parse_rows(a.row),
+                     shipped_baselines=not a.no_shipped_baselines)
     t0 = time.time()
     res = evaluate(a.model, a.data, a.out, cfg, a.evaluators)
     print((Path(a.out) / "results.md").read_text().split("\nRows:")[0])

@@ -42,6 +42,7 @@ class EvalConfig:
     register: bool = True                   # also score against the registered follow-up
     grid_pairs: int = 4                     # pairs shown in samples.png
     rows: dict[str, str | None] = field(default_factory=dict)  # row -> model folder (text_only, single_stage, ...)
+    shipped_baselines: bool = True          # rows not given use the baselines shipped in assets/baselines/
 
 
 @dataclass
@@ -224,7 +225,7 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
 
     model_path = Path(model) if model else default_model_path()
     paths = {"full": cfg.rows.get("full") or model_path, **{k: v for k, v in cfg.rows.items() if k != "full"}}
-    for row in table.DEFAULT_ROW_PATHS:  # ablation exports at their conventional place (train/run_recipe.sh)
+    for row in table.DEFAULT_ROW_PATHS if cfg.shipped_baselines else ():  # the shipped baseline models
         if row not in paths and (REPO_ROOT / table.EXPORTS[row]).is_dir():
             paths[row] = REPO_ROOT / table.EXPORTS[row]
     rows: dict[str, dict] = {}

@@ -28,22 +28,24 @@ ROW_DESCRIPTIONS = {
     "full": "BiomedJourney: prior + progression text",
 }
 GENERATED_ROWS = ("text_only", "single_stage", "no_registration", "full")
-# How to produce each row's model with train/ (see train/run_recipe.sh), and the folder it exports.
-_PREP = "--config demo-cpu --data work/data/cxr-prep --vae work/runs/demo-cpu/vae"
+# How to produce each row's model with train/ (see train/run_recipe.sh), and the folder it ships in.
+_PREP = "--config demo-cpu --data work/data/cxr-prep --vae work/runs/demo-cpu/vae-ft/vae"
 TRAIN_COMMANDS = {
-    "full": "bash train/run_recipe.sh demo-cpu",
-    "text_only": "bash train/run_recipe.sh demo-cpu",
-    "single_stage": f"python train/train.py --stage 2 --no-curriculum {_PREP} --out work/runs/single-stage",
+    "full": "bash train/run_recipe.sh demo-cpu  # then copy work/runs/demo-cpu/stage2/export to assets/biomedjourney-cxr",
+    "text_only": "bash train/run_recipe.sh demo-cpu  # then copy work/runs/demo-cpu/stage1/export to assets/baselines/stage1",
+    "single_stage": f"python train/train.py --stage 2 --no-curriculum {_PREP} --out work/runs/single-stage"
+                    "  # then copy work/runs/single-stage/stage2/export to assets/baselines/single-stage",
     "no_registration": f"python train/train.py --stage 2 --no-register {_PREP} "
-                       "--init-unet work/runs/demo-cpu/stage1/export --out work/runs/no-register",
+                       "--init-unet work/runs/demo-cpu/stage1/export --out work/runs/no-register"
+                       "  # then copy work/runs/no-register/stage2/export to assets/baselines/no-registration",
 }
-EXPORTS = {  # relative to the repository root; ablation rows use these by default when they exist
-    "full": "work/runs/demo-cpu/stage2/export",
-    "text_only": "work/runs/demo-cpu/stage1/export",
-    "single_stage": "work/runs/single-stage/stage2/export",
-    "no_registration": "work/runs/no-register/stage2/export",
+EXPORTS = {  # relative to the repository root; baseline rows use these by default when they exist
+    "full": "assets/biomedjourney-cxr",
+    "text_only": "assets/baselines/stage1",
+    "single_stage": "assets/baselines/single-stage",
+    "no_registration": "assets/baselines/no-registration",
 }
-DEFAULT_ROW_PATHS = ("single_stage", "no_registration")
+DEFAULT_ROW_PATHS = ("text_only", "single_stage", "no_registration")
 
 
 METRICS = {

@@ -1,0 +1,51 @@
+"""Copy an exported pipeline folder into assets/ as fp16 safetensors (optionally with another autoencoder
+whose ENCODER is identical, e.g. the decoder-fine-tuned one), and print its size.
+
+    python train/ship.py --export work/runs/demo-cpu/stage2/export --to assets/biomedjourney-cxr
+    python train/ship.py --export work/runs/demo-cpu/stage1/export --vae work/runs/demo-cpu/vae-ft/vae --to assets/baselines/stage1
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from biomedjourney.pipeline import BiomedJourneyPipeline
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--export", required=True, type=Path)
+    ap.add_argument("--to", required=True, type=Path)
+    ap.add_argument("--vae", type=Path, default=None, help="autoencoder folder to ship instead (same encoder)")
+    ap.add_argument("--note", default="", help="added to the model's info")
+    a = ap.parse_args(argv)
+    pipe = BiomedJourneyPipeline.from_pretrained(a.export, device="cpu", dtype=torch.float32)
+    if a.vae is not None:
+        vae = AutoencoderKL.from_pretrained(a.vae, torch_dtype=torch.float32)
+        enc_old = {k: v for k, v in pipe.vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+        enc_new = load_file(a.vae / "diffusion_pytorch_model.safetensors")
+        drift = max(float((enc_old[k] - enc_new[k].float()).abs().max()) for k in enc_old)
+        if drift > 1e-2:  # fp16 export rounding is ~1e-3; anything larger is another encoder
+            raise SystemExit(f"{a.vae} has a different encoder (max weight difference {drift:.3g}): latents would not match")
+        pipe.vae = vae
+        pipe.info["autoencoder"] = str(a.vae)
+    if a.note:
+        pipe.info["note"] = a.note
+    if a.to.exists():
+        shutil.rmtree(a.to)
+    pipe.save_pretrained(a.to, dtype=torch.float16)
+    size = sum(f.stat().st_size for f in a.to.rglob("*") if f.is_file())
+    print(f"shipped {a.export} -> {a.to}: {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
