@@ -61,6 +61,8 @@ class SamplerConfig:
     guidance_scale: float = 4.0                 # text guidance: >1 follows the description more strongly
     image_guidance_scale: float = 1.5           # image guidance: >1 stays closer to the prior
     scheduler: str = "dpmsolver++"              # 'ddim' | 'euler_a' | 'dpmsolver++'
+    strength: float = 1.0                       # 1: start from pure noise (InstructPix2Pix); <1: from the noised
+                                                #   prior latent (SDEdit, Meng et al. 2022): stays closer to the prior
     seed: int = 0
 
     @classmethod

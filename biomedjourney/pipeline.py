@@ -132,7 +132,7 @@ class BiomedJourneyPipeline:
 
     # ----------------------------------------------------------------- steps
     def check_inputs(self, prompt: Any, num_images: int, steps: int, guidance_scale: float,
-                     image_guidance_scale: float, scheduler: str) -> None:
+                     image_guidance_scale: float, scheduler: str, strength: float = 1.0) -> None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         if not 1 <= num_images <= MAX_IMAGES:
@@ -143,6 +143,8 @@ class BiomedJourneyPipeline:
             raise ValueError(f"guidance scales must be >= 0, got text {guidance_scale}, image {image_guidance_scale}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
 
     def prepare_prior(self, prior: Any) -> np.ndarray:
         """Any accepted input -> (R, R) float32 [0, 1] as the model sees it."""
@@ -182,7 +184,7 @@ class BiomedJourneyPipeline:
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  image_guidance_scale: float | None = None, seed: int | None = None,
                  generator: list[torch.Generator] | torch.Generator | None = None,
-                 scheduler: str | None = None,
+                 scheduler: str | None = None, strength: float | None = None,
                  callback: Callable[[int, int], None] | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> GenerationOutput:
@@ -197,7 +199,8 @@ class BiomedJourneyPipeline:
         g_text = d.guidance_scale if guidance_scale is None else guidance_scale
         g_img = d.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
         sched_name = scheduler or d.scheduler
-        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name)
+        strength = d.strength if strength is None else float(strength)
+        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength)
         seed = d.seed if seed is None else int(seed)
         seeds = [seed + i for i in range(n)]
         if generator is None:
@@ -205,6 +208,8 @@ class BiomedJourneyPipeline:
         elif isinstance(generator, torch.Generator):
             generator = [generator] * n
         text_only = prior is None
+        if text_only:
+            strength = 1.0  # nothing to start from
 
         # 1. Encode prompt: [text, "", ""] for (text+image, image only, neither)
         if prompt_embeds is not None:
@@ -233,14 +238,22 @@ class BiomedJourneyPipeline:
         zero = torch.zeros_like(prior_lat)
         image_cond = torch.cat([prior_lat, zero] if text_only else [prior_lat, prior_lat, zero])  # (kB, C, h, w)
 
-        # 3. Prepare timesteps and initial noise
+        # 3. Prepare timesteps and initial latents: pure noise, or the noised prior (strength < 1, SDEdit)
         sched = make_scheduler(sched_name, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generator])      # (B, C, h, w)
-        latents = noise.to(self.device, self.dtype) * sched.init_noise_sigma
+        noise = noise.to(self.device, self.dtype)
+        skip = min(steps - 1, int(round(steps * (1 - strength))))
+        timesteps = sched.timesteps[skip:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(skip)
+        if skip:
+            latents = sched.add_noise(prior_lat.float(), noise.float(), timesteps[:1].repeat(n)).to(self.dtype)
+        else:
+            latents = noise * sched.init_noise_sigma
 
         # 4. Denoise: one batched UNet call per step, dual guidance (InstructPix2Pix eq. 3)
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (kB, C, h, w)
             x = torch.cat([x, image_cond], dim=1)                                          # (kB, 2C, h, w)
             eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
@@ -252,12 +265,13 @@ class BiomedJourneyPipeline:
                 eps = dual_guidance(*eps.chunk(3), g_text, g_img)
             latents = sched.step(eps, t, latents.float(), generator=generator).prev_sample.to(self.dtype)
             if callback is not None:
-                callback(i + 1, steps)
+                callback(i + 1, len(timesteps))
 
         # 5. Decode
         images = self.decode_latents(latents)
         settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
                     "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
+                    "strength": strength,
                     "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
                     "model": self.model_id, "biomedjourney_version": __version__}
         return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings)

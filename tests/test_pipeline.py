@@ -165,3 +165,14 @@ def test_cli_reports_bad_input_without_traceback(tiny_model_dir, tmp_path, capsy
     bad.write_bytes(b"")
     rc = main(["generate", "--prior", str(bad), "--text", "x", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir)])
     assert rc == 2 and "empty" in capsys.readouterr().err.lower()
+
+
+def test_strength_starts_from_the_noised_prior_and_runs_fewer_steps(pipe, prior):
+    calls = []
+    out = pipe(prior, "x", num_images=1, seed=0, num_inference_steps=8, strength=0.5,
+               callback=lambda i, n: calls.append((i, n)))
+    assert calls[-1] == (4, 4) and out.settings["strength"] == 0.5
+    full = pipe(prior, "x", num_images=1, seed=0, num_inference_steps=8)
+    assert full.settings["strength"] == 1.0 and not np.allclose(out.images[0], full.images[0])
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\], got 0"):
+        pipe(prior, "x", strength=0.0)

@@ -11,6 +11,10 @@ PREP=work/data/cxr-prep
 RUN=work/runs/$CONFIG
 python train/prepare_data.py --source cxr --data "$DATA" --out "$PREP"
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN" --resume latest
+# decoder-only fine-tune (encoder frozen, so latents and everything trained on them stay valid)
+python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/vae-ft" --init "$RUN/vae" \
+    --decoder-only --steps 3000 --lr 2e-4 --resume latest
 python train/train.py --stage 1 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
-python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
-echo "exported: $RUN/stage2/export  (copy it to assets/biomedjourney-cxr to make it the default)"
+python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN" --resume latest
+echo "exported: $RUN/stage2/export; ship it as the default with:"
+echo "  python train/ship.py --export $RUN/stage2/export --to assets/biomedjourney-cxr"

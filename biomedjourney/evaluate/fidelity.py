@@ -78,6 +78,34 @@ def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: 
     return out
 
 
+def tune(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 12, seed: int = 0,
+         image_scales=(1.5, 3.0), strengths=(1.0, 0.8, 0.6), text_scales=(3.0,)) -> list[dict]:
+    """Grid over sampler settings on a split: no-change SSIM to the prior, change magnitude, SSIM to the real
+    follow-up. Pick defaults that keep the patient (no-change SSIM) yet follow the text (change gap)."""
+    res = pipe.resolution
+    pairs = [p for p in select_pairs(data, split, limit=None) if p.progression_text.strip() != NO_CHANGE][:limit]
+    imgs = [(to_model_input(read_image(p.prior.path).pixels, res), to_model_input(read_image(p.followup.path).pixels, res),
+             p.progression_text) for p in pairs]
+    rows = []
+    for gi in image_scales:
+        for st in strengths:
+            for gt in text_scales:
+                kw = dict(num_images=1, seed=seed, image_guidance_scale=gi, strength=st, guidance_scale=gt)
+                same, mag0, mag1, real = [], [], [], []
+                for prior, follow, text in tqdm(imgs, desc=f"img {gi} strength {st} text {gt}", leave=False):
+                    g0 = pipe(prior, NO_CHANGE, **kw).images[0]
+                    g1 = pipe(prior, text, **kw).images[0]
+                    same.append(image_ssim(g0, prior))
+                    mag0.append(float(np.abs(g0 - prior).mean()))
+                    mag1.append(float(np.abs(g1 - prior).mean()))
+                    real.append(image_ssim(g1, follow))
+                rows.append({"image_guidance_scale": gi, "strength": st, "guidance_scale": gt,
+                             "no_change_ssim": float(np.mean(same)), "no_change_abs": float(np.mean(mag0)),
+                             "change_abs": float(np.mean(mag1)), "ssim_to_real": float(np.mean(real)), "pairs": len(imgs)})
+                print(rows[-1])
+    return rows
+
+
 def _ms(v) -> dict:
     v = np.asarray(v, float)
     return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std()) if len(v) else None, "n": len(v)}
@@ -119,8 +147,14 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/fidelity"))
+    ap.add_argument("--tune", action="store_true", help="grid over sampler settings instead (writes tuning.json)")
     a = ap.parse_args(argv)
     pipe = BiomedJourneyPipeline.from_pretrained(a.model, device="cpu")
+    if a.tune:
+        a.out.mkdir(parents=True, exist_ok=True)
+        rows = tune(pipe, data_root(a.data), a.split, min(a.limit, 12), a.seed)
+        (a.out / "tuning.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return
     r = fidelity(pipe, data_root(a.data), a.split, a.limit, a.seed, grid_path=a.out / "validation_grid.png")
     r["model"] = pipe.model_id
     a.out.mkdir(parents=True, exist_ok=True)
