@@ -25,9 +25,10 @@ def rg1_path():
 @pytest.fixture(scope="module")
 def app_module(tiny_model_dir, tmp_path_factory):
     """app.py pointed at the tiny model ($BIOMEDJOURNEY_MODEL, only while the module's tests run)
-    with its per-session output folders in a temp dir (read once, at the first import)."""
+    with its per-session output folders in a temp dir (read once, at the first import).
+    BIOMEDJOURNEY_TEST_MODEL=assets/biomedjourney-cxr runs the same tests on a real model."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BIOMEDJOURNEY_MODEL", str(tiny_model_dir))
+        mp.setenv("BIOMEDJOURNEY_MODEL", os.environ.get("BIOMEDJOURNEY_TEST_MODEL") or str(tiny_model_dir))
         mp.setenv("BIOMEDJOURNEY_OUTPUTS", str(tmp_path_factory.mktemp("app-outputs")))
         import app
         yield app

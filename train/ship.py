@@ -27,6 +27,8 @@ def main(argv=None):
     ap.add_argument("--to", required=True, type=Path)
     ap.add_argument("--vae", type=Path, default=None, help="autoencoder folder to ship instead (same encoder)")
     ap.add_argument("--note", default="", help="added to the model's info")
+    ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a shipped sampler default chosen on validation data, e.g. strength=0.6")
     a = ap.parse_args(argv)
     pipe = BiomedJourneyPipeline.from_pretrained(a.export, device="cpu", dtype=torch.float32)
     if a.vae is not None:
@@ -40,6 +42,10 @@ def main(argv=None):
         pipe.info["autoencoder"] = str(a.vae)
     if a.note:
         pipe.info["note"] = a.note
+    for kv in a.sampler:
+        key, _, value = kv.partition("=")
+        old = getattr(pipe.defaults, key)  # AttributeError names an unknown key
+        setattr(pipe.defaults, key, type(old)(value))
     if a.to.exists():
         shutil.rmtree(a.to)
     pipe.save_pretrained(a.to, dtype=torch.float16)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import to_dict
 from ..dataset import data_root
 from ..imaging import read_image, to_model_input
 from ..metrics import image_ssim
@@ -62,8 +63,7 @@ def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: 
             inside.append(inside_fraction(g1 - prior))
     out = {
         "split": split, "pairs": len(pairs), "change_pairs": len(change_pairs), "seed": seed,
-        "settings": {k: v for k, v in pipe(None, "", num_images=1, num_inference_steps=1).settings.items()
-                     if k in ("num_inference_steps", "guidance_scale", "image_guidance_scale", "scheduler")},
+        "settings": to_dict(pipe.defaults),  # every generation above used the model's defaults
         "no_change_ssim_generated_vs_prior": _ms(same),
         "real_followup_ssim_vs_prior": _ms(real_ssim),
         "no_change_mean_abs_change": _ms(nochange_mag),
@@ -132,7 +132,7 @@ def validation_grid(pipe, pairs, load, seed: int, path: Path) -> Path:
         axes[i][0].set_ylabel(p.pair_id.split("__")[0][:18], fontsize=6)
         axes[i][2].set_xlabel(text, fontsize=7)
     fig.suptitle("Validation patients (never trained on). Generated images are SYNTHETIC.", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)
