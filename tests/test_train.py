@@ -118,3 +118,25 @@ def test_v_prediction_is_trained_and_exported_with_its_scheduler(tiny_prep, tmp_
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
     out = pipe(None, "Findings: Effusion.", num_images=1, seed=0)
     assert np.isfinite(out.images[0]).all()
+
+
+def test_autoencoder_training_exports_and_decoder_only_keeps_the_encoder(tiny_prep, tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from train.config import load_config
+    from train.train_autoencoder import train as train_ae
+    cfg = load_config("tiny")
+    r = train_ae(cfg, tiny_prep, tmp_path / "ae")
+    m = json.loads((tmp_path / "ae" / "vae_metrics.json").read_text())
+    assert r["steps"] == 4 and m["n"] > 0 and np.isfinite(m["psnr"]) and 0 < m["ssim"] <= 1
+    assert (tmp_path / "ae" / "vae_log.csv").is_file() and list((tmp_path / "ae" / "checkpoints-vae").glob("step-*"))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "ae" / "vae")
+    assert vae.config.in_channels == 1 and vae.config.scaling_factor != 1.0   # set from the data
+    train_ae(cfg, tiny_prep, tmp_path / "ft", init=tmp_path / "ae" / "vae", decoder_only=True)
+    ft = AutoencoderKL.from_pretrained(tmp_path / "ft" / "vae")
+    for k, v in vae.encoder.state_dict().items():
+        assert torch.equal(v, ft.encoder.state_dict()[k]), k
+    assert not torch.equal(vae.decoder.conv_out.weight, ft.decoder.conv_out.weight)
+    assert ft.config.scaling_factor == vae.config.scaling_factor
