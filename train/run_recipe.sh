@@ -16,5 +16,7 @@ python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/
     --decoder-only --steps 3000 --lr 2e-4 --resume latest
 python train/train.py --stage 1 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
 python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN" --resume latest
+# the shipped demo-cpu model: stage 2 continued to 3,000 steps (schedule re-evaluated at step 1,000)
+python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN" --resume latest --steps 3000
 echo "exported: $RUN/stage2/export; ship it as the default with:"
-echo "  python train/ship.py --export $RUN/stage2/export --to assets/biomedjourney-cxr"
+echo "  python train/ship.py --export $RUN/stage2/export --sampler strength=0.6 --to assets/biomedjourney-cxr"
