@@ -22,9 +22,8 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
 
-from biomedjourney import NOTICE, heatmaps, journey
+from biomedjourney import NOTICE, journey
 from biomedjourney.config import ModelConfig, SamplerConfig
 from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
                                    read_image, save_png, to_model_input)
@@ -211,22 +210,10 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
 
     progress(0.95, desc="Heatmaps and files")
     folder = _run_folder(request, "followup")
-    files = [Path(p) for p in save_outputs(out, folder, prompt=description, dicom=True, source=loaded)]
+    files = [Path(p) for p in save_outputs(out, folder, prompt=description, dicom=True, source=loaded, heatmaps=True)]
     prior, imgs = out.prior, out.images
     n = len(imgs)
-    figures = {f"heatmap_sample{i + 1}.png": heatmaps.overlay_figure(
-        prior, heatmaps.difference(prior, im), title=f"Sample {i + 1} (seed {s}): follow-up − prior")
-        for i, (im, s) in enumerate(zip(imgs, out.seeds))}
-    figures["heatmap_mean_change.png"] = heatmaps.overlay_figure(
-        prior, heatmaps.mean_change(prior, imgs), title=f"Mean change over {n} sample{'s' * (n > 1)}")
-    figures["heatmap_uncertainty.png"] = heatmaps.overlay_figure(
-        prior, heatmaps.uncertainty(imgs), kind="std",
-        title="Uncertainty: std across samples" if n > 1 else "Uncertainty needs ≥ 2 samples")
-    maps = []  # shown by path: the PNGs are written once, not re-encoded by gradio
-    for name, fig in figures.items():
-        Image.fromarray(fig).save(folder / name)
-        maps.append(folder / name)
-    files += maps
+    maps = [p for p in files if p.name.startswith("heatmap_")]  # per sample, mean change, uncertainty
     zip_path = journey.make_zip(files, folder / "biomedjourney_followups.zip")
 
     gallery = [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")

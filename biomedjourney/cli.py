@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="1 = start from noise; lower starts from the noised prior and stays closer to it")
     g.add_argument("--model", default=None, help="model folder or Hugging Face Hub id (default: the shipped model)")
     g.add_argument("--dicom", action="store_true", help="also write DICOM Secondary Capture files (marked synthetic)")
+    g.add_argument("--heatmaps", action="store_true",
+                   help="also write difference heatmaps per sample, the mean change and the uncertainty map")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     d = sub.add_parser("describe", help="write a progression description from two reports",
@@ -81,7 +83,7 @@ def _generate(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.settings["seconds"] = round(time.time() - t0, 2)
-    paths = save_outputs(out, a.out, prompt=a.text, dicom=a.dicom, source=loaded)
+    paths = save_outputs(out, a.out, prompt=a.text, dicom=a.dicom, source=loaded, heatmaps=a.heatmaps)
     print(NOTICE)
     print(f"{len(out.images)} follow-ups in {out.settings['seconds']} s (seeds {out.seeds}) -> {a.out}")
     for p in paths:

@@ -9,13 +9,14 @@ import json
 from pathlib import Path
 
 from . import NOTICE
-from .imaging import LoadedImage, save_png, write_dicom
+from .imaging import LoadedImage, atomic_write, save_png, write_dicom
 from .pipeline import GenerationOutput
 
 
 def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | None = None, dicom: bool = True,
-                 source: LoadedImage | None = None, prefix: str = "followup") -> list[Path]:
-    """Write `prefix_<i>_seed<seed>.png` (+ `.dcm`), `prior_input.png` and `settings.json`; returns the paths."""
+                 source: LoadedImage | None = None, prefix: str = "followup", heatmaps: bool = False) -> list[Path]:
+    """Write `prefix_<i>_seed<seed>.png` (+ `.dcm`), `prior_input.png`, with `heatmaps` the
+    `heatmap_*.png` figures (per sample, mean change, uncertainty), and `settings.json`; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = out.settings.get("prompt", "") if prompt is None else prompt
@@ -29,6 +30,12 @@ def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | Non
         if dicom:
             settings = {**out.settings, "seed": seed, "num_images": 1}
             paths.append(write_dicom(img, folder / f"{stem}.dcm", description=desc, settings=settings, source=source))
+    if heatmaps and out.prior is not None:
+        from PIL import Image
+
+        from .heatmaps import output_figures
+        for name, fig in output_figures(out.prior, out.images, out.seeds).items():
+            paths.append(atomic_write(folder / name, lambda tmp, fig=fig: Image.fromarray(fig).save(tmp, format="PNG")))
     sidecar = folder / "settings.json"
     sidecar.write_text(json.dumps({"notice": NOTICE, **out.settings,
                                    "files": [p.name for p in paths]}, indent=2) + "\n")

@@ -140,6 +140,21 @@ def overlay_figure(prior: np.ndarray, signed_map: np.ndarray, *, title: str, vma
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8
 
 
+def output_figures(prior: np.ndarray, images: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The standard figures of one generation: a difference map per sample, the mean change and the
+    uncertainty (std across samples), as {file name: (H, W, 3) uint8}; one definition for app, CLI, API."""
+    n = len(images)
+    figures = {f"heatmap_sample{i + 1}.png": overlay_figure(
+        prior, difference(prior, im), title=f"Sample {i + 1} (seed {s}): follow-up − prior")
+        for i, (im, s) in enumerate(zip(images, seeds))}
+    figures["heatmap_mean_change.png"] = overlay_figure(
+        prior, mean_change(prior, images), title=f"Mean change over {n} sample{'s' * (n > 1)}")
+    figures["heatmap_uncertainty.png"] = overlay_figure(
+        prior, uncertainty(images), kind="std",
+        title="Uncertainty: std across samples" if n > 1 else "Uncertainty needs ≥ 2 samples")
+    return figures
+
+
 def axes_box(shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) pixel box of AXES_RECT in a figure image of ``shape`` (H, W) (for tests)."""
     h, w = shape
@@ -148,4 +163,4 @@ def axes_box(shape: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 __all__ = ["difference", "mean_change", "uncertainty", "robust_vmax", "overlay_rgb", "overlay_figure",
-           "axes_box", "LEGEND"]
+           "output_figures", "axes_box", "LEGEND"]

@@ -148,12 +148,15 @@ def test_cli_generate_on_the_pydicom_chest_radiograph(tiny_model_dir, rg1_path, 
     from biomedjourney.cli import main
     from biomedjourney.imaging import read_dicom_markers
     rc = main(["generate", "--prior", rg1_path, "--text", "New right pleural effusion.", "--num-images", "2",
-               "--seed", "0", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--dicom", "--steps", "2"])
+               "--seed", "0", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--dicom", "--steps", "2",
+               "--heatmaps"])
     assert rc == 0
     side = json.loads((tmp_path / "settings.json").read_text())
     assert side["seeds"] == [0, 1] and side["prompt"] == "New right pleural effusion." and side["num_inference_steps"] == 2
     assert sorted(p.name for p in tmp_path.glob("followup_*")) == [
         "followup_1_seed0.dcm", "followup_1_seed0.png", "followup_2_seed1.dcm", "followup_2_seed1.png"]
+    assert sorted(p.name for p in tmp_path.glob("heatmap_*.png")) == [
+        "heatmap_mean_change.png", "heatmap_sample1.png", "heatmap_sample2.png", "heatmap_uncertainty.png"]
     m = read_dicom_markers(tmp_path / "followup_1_seed0.dcm")
     assert "DERIVED" in m["ImageType"] and m["ConversionType"] == "SYN" and not m["PatientName"]
     assert "not for diagnosis" in capsys.readouterr().out

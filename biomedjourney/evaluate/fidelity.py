@@ -17,11 +17,10 @@ from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..dataset import data_root
-from ..imaging import read_image, to_model_input
 from ..metrics import image_ssim
 from ..pipeline import BiomedJourneyPipeline
 from ..progression import NO_CHANGE
-from .run import select_pairs
+from .run import load_row, select_pairs
 
 # Lung fields and heart of a centred frontal CXR, as fractions of width/height (x0, y0, x1, y1).
 # Chosen on the dataset's 256x256 centre crops: the thorax spans ~8-92% of the width and ~8-90% of
@@ -45,7 +44,7 @@ def inside_fraction(diff: np.ndarray, box=LUNG_BOX) -> float:
 def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 40, seed: int = 0,
              grid_path: Path | None = None, grid_pairs: int = 8) -> dict:
     res = pipe.resolution
-    load = lambda row: to_model_input(read_image(row.path).pixels, res)  # noqa: E731
+    load = lambda row: load_row(row, res)  # noqa: E731
     pairs = select_pairs(data, split, limit=limit)
     change_pairs = [p for p in pairs if p.progression_text.strip() != NO_CHANGE]
     t0 = time.time()
@@ -84,8 +83,7 @@ def tune(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int 
     follow-up. Pick defaults that keep the patient (no-change SSIM) yet follow the text (change gap)."""
     res = pipe.resolution
     pairs = [p for p in select_pairs(data, split, limit=None) if p.progression_text.strip() != NO_CHANGE][:limit]
-    imgs = [(to_model_input(read_image(p.prior.path).pixels, res), to_model_input(read_image(p.followup.path).pixels, res),
-             p.progression_text) for p in pairs]
+    imgs = [(load_row(p.prior, res), load_row(p.followup, res), p.progression_text) for p in pairs]
     rows = []
     for gi in image_scales:
         for st in strengths:

@@ -100,10 +100,15 @@ def _registrar():
     return register, ""
 
 
+def load_row(row, res: int = 256) -> np.ndarray:
+    """A dataset image (an ImageRow) as the models see it: (res, res) float32 in [0, 1]."""
+    return to_model_input(read_image(row.path).pixels, res)
+
+
 def load_pair_data(pairs, ev: Evaluators, register: bool = True) -> tuple[PairData, str]:
     """Images and targets of the pairs; the follow-up is registered onto the PRIOR (model-independent)."""
     reg_fn, reason = _registrar() if register else (None, "registration disabled (--no-register-metrics)")
-    load = lambda row: to_model_input(read_image(row.path).pixels, REF_RES)  # noqa: E731
+    load = lambda row: load_row(row, REF_RES)  # noqa: E731
     pri, fol, reg = [], [], []
     for p in tqdm(pairs, desc="load pairs" + (" + register" if reg_fn else ""), leave=False):
         a, b = load(p.prior), load(p.followup)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..dataset import data_root, has_data, load_images, load_pairs, missing_data_reason, patient_group
-from ..imaging import read_image, to_model_input
+from .run import load_row
 from .evaluators import (ASSETS_EVALUATORS, EvaluatorConfig, Evaluators, label_targets, observed_labels,
                          save_evaluators, standardise)
 from .metrics import macro_auc, pearson_r, reid_auc, roc_auc, verification_auc
@@ -56,7 +56,7 @@ class TrainConfig:
 # ------------------------------------------------------------------------- data
 def load_arrays(rows, resolution: int) -> torch.Tensor:
     """ImageRows -> (N, 1, R, R) float32 in [0, 1] (dataset framing, then antialiased resize)."""
-    imgs = [to_model_input(read_image(r.path).pixels, 256) for r in tqdm(rows, desc="load images", leave=False)]
+    imgs = [load_row(r, 256) for r in tqdm(rows, desc="load images", leave=False)]
     x = torch.from_numpy(np.stack(imgs))[:, None]                          # (N, 1, 256, 256)
     return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
