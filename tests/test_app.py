@@ -72,6 +72,8 @@ def test_generate_refuses_missing_inputs(app_module, rg1_path):
         _generate(app_module, rg1_path, scheduler="plms")
     with pytest.raises(gr.Error, match="seed is empty"):
         _generate(app_module, rg1_path, seed=None)
+    with pytest.raises(gr.Error, match=r"strength must be in \(0, 1\], got 1.5"):
+        _generate(app_module, rg1_path, strength=1.5)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -122,6 +124,9 @@ def test_same_seed_same_images_random_seed_is_reported(app_module, small_png):
     d = _generate(app_module, small_png, seed=c[8], n=1)
     assert np.array_equal(c[0][0][0], d[0][0][0])   # same seed + settings = same image
     assert Path(c[7]).parent != Path(d[7]).parent    # each run keeps its own folder
+    assert c[5]["strength"] == app_module.get_pipe().defaults.strength   # no slider value: the model's default
+    e = _generate(app_module, small_png, seed=c[8], n=1, strength=0.5)
+    assert e[5]["strength"] == 0.5 and not np.array_equal(e[0][0][0], d[0][0][0])
 
 
 def test_clicking_a_sample_compares_it_with_the_prior(app_module, generated):
@@ -187,8 +192,8 @@ def test_missing_model_is_explained(app_module, monkeypatch, tmp_path):
 def test_on_load_sets_the_models_defaults(app_module, tiny_model_dir):
     values = app_module.on_load()
     d = app_module.get_pipe().defaults
-    assert values[:6] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
-                          d.seed, d.scheduler]
+    assert values[:7] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
+                          d.strength, d.seed, d.scheduler]
     assert "64×64" in values[-1]
     assert app_module.initial_defaults() == d  # read from the folder's config without loading weights
 

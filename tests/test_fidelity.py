@@ -5,20 +5,23 @@ import numpy as np
 import pytest
 
 from biomedjourney import dataset
-from biomedjourney.evaluate.fidelity import LUNG_BOX, box_mask, inside_fraction
+from biomedjourney.evaluate.fidelity import LUNG_HEART, inside_fraction, lung_mask
 
 
 def test_inside_fraction_counts_where_the_change_is():
     d = np.zeros((100, 100))
-    d[40:60, 40:60] = 0.3                      # centre: inside the lung box
+    d[35:50, 22:36] = 0.3                      # middle of the right lung (image left): inside
     assert inside_fraction(d) == pytest.approx(1.0)
-    d2 = np.zeros((100, 100))
-    d2[:5, :5] = -0.5                          # corner only: outside
-    assert inside_fraction(d2) == pytest.approx(0.0)
+    for sl in [np.s_[:5, :5], np.s_[5:15, 45:55], np.s_[90:, :]]:   # corner, above the mediastinum, abdomen
+        d2 = np.zeros((100, 100))
+        d2[sl] = -0.5
+        assert inside_fraction(d2) == pytest.approx(0.0)
     uniform = np.ones((256, 256))
-    assert inside_fraction(uniform) == pytest.approx(box_mask((256, 256)).mean())
-    x0, y0, x1, y1 = LUNG_BOX
-    assert box_mask((256, 256)).mean() == pytest.approx((x1 - x0) * (y1 - y0), abs=0.02)
+    assert inside_fraction(uniform) == pytest.approx(lung_mask((256, 256)).mean())
+    area = sum(np.pi * rx * ry for _, _, rx, ry in LUNG_HEART)          # ellipses, minus their overlap
+    assert 0.25 < lung_mask((256, 256)).mean() < area
+    m = lung_mask((256, 256))
+    assert m[:, :128].sum() == pytest.approx(m[:, 128:].sum(), rel=0.2)   # both lungs, heart a little to one side
 
 
 @pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())
@@ -29,4 +32,6 @@ def test_fidelity_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert r["pairs"] == 3
     assert 0 <= r["no_change_ssim_generated_vs_prior"]["mean"] <= 1
     assert r["real_followup_ssim_vs_prior"]["n"] == 3
+    assert r["text_effect_mean_abs"]["n"] == r["change_pairs"]
+    assert 0 <= r["lung_mask_area_fraction"] <= 1 and (tmp_path / "lung_mask.png").is_file()
     assert (tmp_path / "validation_grid.png").stat().st_size > 10_000

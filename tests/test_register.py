@@ -1,11 +1,11 @@
-"""Affine registration (train/register.py) on synthetic chest-X-ray-like images."""
+"""Affine registration (biomedjourney/register.py) on synthetic chest-X-ray-like images."""
 import math
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from train.register import DEFAULT_THRESHOLD, AffineLimits, degenerate, ncc, register
+from biomedjourney.register import DEFAULT_THRESHOLD, AffineLimits, degenerate, ncc, register
 
 
 def synthetic_cxr(size: int = 256, seed: int = 0) -> np.ndarray:

@@ -43,11 +43,12 @@ def tiny_prep(tmp_path_factory):
     return out
 
 
-def _train(prep, out, stage, steps=None, resume=None, stop_after=None):
+def _train(prep, out, stage, steps=None, resume=None, stop_after=None, identity_prob=0.0):
     from train.config import load_config
     from train.train import train
     cfg = load_config("tiny")
     tc = cfg.stage1 if stage == 1 else cfg.stage2
+    tc.identity_prob = identity_prob
     if steps:
         tc.steps = steps
     return train(cfg, stage, prep, prep / "vae", out, resume=resume, stop_after=stop_after)
@@ -140,3 +141,36 @@ def test_autoencoder_training_exports_and_decoder_only_keeps_the_encoder(tiny_pr
         assert torch.equal(v, ft.encoder.state_dict()[k]), k
     assert not torch.equal(vae.decoder.conv_out.weight, ft.decoder.conv_out.weight)
     assert ft.config.scaling_factor == vae.config.scaling_factor
+
+
+def test_identity_rows_turn_only_rows_with_a_prior_into_no_change_copies():
+    from train.train import identity_rows
+    n = 4000
+    zi, pi = torch.arange(n), torch.where(torch.arange(n) % 4 == 0, -1, torch.arange(n) + n)
+    ti, drop = torch.full((n,), 7), torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.1
+    z2, t2, d2 = identity_rows(zi, pi, ti, drop, 0.2, no_change=3, g=torch.Generator().manual_seed(0))
+    same = z2 != zi
+    assert torch.equal(z2[same], pi[same]) and (t2[same] == 3).all() and not d2[same].any()
+    assert torch.equal(t2[~same], ti[~same]) and torch.equal(d2[~same], drop[~same])
+    assert (pi[same] >= 0).all()                                 # rows without a prior (stage 1 style) never swap
+    assert abs(same.sum().item() / (pi >= 0).sum().item() - 0.2) < 0.03
+    z1, t1, d1 = identity_rows(zi, pi, ti, drop, 1.0, no_change=3, g=torch.Generator().manual_seed(0))
+    assert torch.equal(z1[pi >= 0], pi[pi >= 0]) and (t1[pi >= 0] == 3).all()
+
+
+def test_stage2_with_identity_rows_rebuilds_a_cache_without_the_no_change_prompt(tiny_prep, tmp_path):
+    from safetensors.torch import save_file
+    from biomedjourney.progression import NO_CHANGE
+    from train.train import _keys
+    _train(tiny_prep, tmp_path, 1)
+    r = _train(tiny_prep, tmp_path, 2, identity_prob=0.5)
+    assert r["steps"] == 4 and np.isfinite(r["final_loss"])
+    cache_path = next(tmp_path.glob("cache-stage2-*.safetensors"))
+    cache = load_file(cache_path)
+    assert _keys([NO_CHANGE])[0] in cache["text_keys"]
+    keep = cache["text_keys"] != _keys([NO_CHANGE])[0]          # an older cache, written before NO_CHANGE was needed
+    save_file({**cache, "text_keys": cache["text_keys"][keep], "text_emb": cache["text_emb"][keep],
+               "text_mask": cache["text_mask"][keep]}, cache_path)
+    shutil.rmtree(tmp_path / "stage2")
+    _train(tiny_prep, tmp_path, 2, identity_prob=0.5)
+    assert _keys([NO_CHANGE])[0] in load_file(cache_path)["text_keys"]

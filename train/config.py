@@ -55,6 +55,8 @@ class DiffusionTrain:
     max_minutes: float = 0.0           # >0: stop (checkpoint + export) after this wall time
     init_unet: str = ""                # stage 2: the stage-1 export; full: SD 1.5 UNet (widened)
     min_reg_score: float | None = None  # None: trust prepare_data's `kept`
+    identity_prob: float = 0.0         # stage 2: share of rows turned into (prior, "No significant interval
+                                       #   change.", prior): identity mapping (CycleGAN §5.2) as data
 
 
 @dataclass

@@ -45,14 +45,14 @@ Options
 fails ``biomedjourney.dataset.licence_ok_for_weights`` (ND or blank) and every pair
 touching one; counts go to prepare.json.
 --register (default on): affine registration of each pair's prior onto its follow-up
-(train/register.py); the registered prior is written to OUT/registered/<pair_id>.png
+(biomedjourney/register.py); the registered prior is written to OUT/registered/<pair_id>.png
 for kept pairs; pairs scoring below --reg-threshold get kept=False.
 --limit N: quick runs: per source at most N patients (those with pairs first, in a
 fixed hash order) and at most N pairs.
 
 Registration threshold (default 0.65, NCC over the central window at 128 px): measured
 on all 1,746 shared-dataset pairs; the distribution and the reasoning are next to
-``DEFAULT_THRESHOLD`` in train/register.py.
+``DEFAULT_THRESHOLD`` in biomedjourney/register.py.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ from biomedjourney.dataset import (ImageRow, PairRow, caption_for, licence_ok_fo
                                    load_pairs, split_of)
 from biomedjourney.imaging import read_image, save_png
 from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, write_manifest
-from train.register import DEFAULT_THRESHOLD, register
+from biomedjourney.register import DEFAULT_THRESHOLD, register
 
 MIMIC_LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"
 MIMIC_SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}

@@ -16,7 +16,11 @@ python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/
     --decoder-only --steps 3000 --lr 2e-4 --resume latest
 python train/train.py --stage 1 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae" --out "$RUN" --resume latest
 python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN" --resume latest
-# the shipped demo-cpu model: stage 2 continued to 3,000 steps (schedule re-evaluated at step 1,000)
+# stage 2 continued to 3,000 steps (schedule re-evaluated at step 1,000)
 python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN" --resume latest --steps 3000
-echo "exported: $RUN/stage2/export; ship it as the default with:"
-echo "  python train/ship.py --export $RUN/stage2/export --sampler strength=0.6 --to assets/biomedjourney-cxr"
+# the shipped demo-cpu model: a second stage-2 run from that export, with 20% identity rows
+# (prior, "No significant interval change.", prior) so that "no change" keeps the patient
+python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN-identity" \
+    --init-unet "$RUN/stage2/export" --identity-prob 0.2 --steps 5000 --resume latest
+echo "exported: $RUN-identity/stage2/export; ship it as the default with:"
+echo "  python train/ship.py --export $RUN-identity/stage2/export --sampler strength=0.6 --to assets/biomedjourney-cxr"

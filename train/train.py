@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from biomedjourney.config import write_json
 from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
 from biomedjourney.pipeline import BiomedJourneyPipeline
+from biomedjourney.progression import NO_CHANGE
 from biomedjourney.text_encoders import build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import DiffusionTrain, RunConfig, config_dict, load_config
@@ -75,11 +76,14 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, device, batch: int 
 
 
 def build_cache(rows: list[dict], vae: AutoencoderKL, text_spec, resolution: int, path: Path, device) -> dict:
-    """Latents of every image and embeddings of every text (+ the empty prompt), computed once."""
-    if path.is_file():
-        return load_file(path)
+    """Latents of every image and embeddings of every text (+ the empty and the no-change prompt), computed once."""
     images = sorted({r["target"] for r in rows} | {r["prior"] for r in rows if r["prior"]})
-    texts = sorted({r["text"] for r in rows} | {""})
+    texts = sorted({r["text"] for r in rows} | {"", NO_CHANGE})
+    if path.is_file():
+        cache = load_file(path)
+        if set(_keys(texts).tolist()) <= set(cache["text_keys"].tolist()):
+            return cache
+        path.unlink()  # written before a prompt it now needs (e.g. NO_CHANGE): rebuild
     lat = encode_latents(vae, stack_images(images, resolution), device)
     te = build_text_encoder(text_spec).to(device)
     embs, masks = [], []
@@ -100,10 +104,15 @@ def _keys(items: list[str]) -> torch.Tensor:
     return torch.tensor([int(hashlib.sha1(s.encode()).hexdigest()[:12], 16) for s in items], dtype=torch.int64)
 
 
+def text_index(text: str, cache: dict) -> int:
+    """Row of `text` in the cache's text embeddings."""
+    return int((cache["text_keys"] == _keys([text])[0]).nonzero()[0, 0])
+
+
 def index_rows(rows: list[dict], cache: dict) -> dict[str, torch.Tensor]:
     im = {int(k): i for i, k in enumerate(cache["image_keys"])}
     tx = {int(k): i for i, k in enumerate(cache["text_keys"])}
-    key = lambda s: int(hashlib.sha1(s.encode()).hexdigest()[:12], 16)  # noqa: E731
+    key = lambda s: int(_keys([s])[0])  # noqa: E731
     return {"target": torch.tensor([im[key(r["target"])] for r in rows]),
             "prior": torch.tensor([im[key(r["prior"])] if r["prior"] else -1 for r in rows]),
             "text": torch.tensor([tx[key(r["text"])] for r in rows])}
@@ -136,6 +145,14 @@ def conditioning_dropout(b: int, tc: DiffusionTrain, stage: int, g: torch.Genera
     if stage == 1:
         image = torch.ones(b, dtype=torch.bool)  # stage 1: the prior is always the dummy (zero latent)
     return text, image
+
+
+def identity_rows(zi: torch.Tensor, pi: torch.Tensor, ti: torch.Tensor, drop_image: torch.Tensor, p: float,
+                  no_change: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn a share p of the rows that have a prior into (prior, NO_CHANGE, prior): the target is the prior itself,
+    the prior is kept (never dropped) and the text says no change. Identity mapping (CycleGAN §5.2) as data."""
+    same = (torch.rand(len(zi), generator=g) < p) & (pi >= 0)
+    return torch.where(same, pi, zi), torch.where(same, no_change, ti), drop_image & ~same
 
 
 # ---------------------------------------------------------------- validation and export
@@ -220,7 +237,7 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     cache = load_file(cache_path)
     idx, val_idx = index_rows(rows, cache), index_rows(val_rows, cache)
     latents, temb, tmask = cache["latents"], cache["text_emb"], cache["text_mask"]
-    empty = index_rows([{"target": rows[0]["target"], "prior": "", "text": ""}], cache)["text"][0]
+    empty, no_change = text_index("", cache), text_index(NO_CHANGE, cache)
 
     # 2. Model, EMA, optimizer, LR schedule
     text_dim = temb.shape[-1]
@@ -267,18 +284,19 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     if new_log:
         writer.writerow(["step", "loss", "lr", "seconds"])
     budget = (minutes if minutes is not None else tc.max_minutes) * 60
-    t0, losses = time.time(), []
+    t0, losses, window = time.time(), [], []  # losses: one mean per log_every steps, over all processes
     bar = tqdm(total=tc.steps, initial=step, desc=f"stage {stage}", disable=not acc.is_main_process)
     model.train()
     while step < tc.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
         b = batch_indices(len(rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
-        z = latents[idx["target"][b]].float()                                   # (B, C, h, w)
         drop_text, drop_image = conditioning_dropout(len(b), tc, stage, g)
-        pi = idx["prior"][b]
+        pi, zi, ti = idx["prior"][b], idx["target"][b], torch.where(drop_text, empty, idx["text"][b])
+        if stage == 2 and tc.identity_prob > 0:
+            zi, ti, drop_image = identity_rows(zi, pi, ti, drop_image, tc.identity_prob, no_change, g)
+        z = latents[zi].float()                                                 # (B, C, h, w)
         prior = torch.where((drop_image | (pi < 0))[:, None, None, None], torch.zeros_like(z),
                             latents[pi.clamp(min=0)].float())                     # (B, C, h, w)
-        ti = torch.where(drop_text, empty, idx["text"][b])
         emb, mask = temb[ti].float(), tmask[ti].long()                           # (B, T, D), (B, T)
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(b),), generator=g)
@@ -296,14 +314,16 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
         lr_sched.step()
         ema.step(raw.parameters())
         step += 1
-        losses.append(acc.gather(loss.detach()[None]).mean().item())
+        window.append(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % tc.log_every == 0 and acc.is_main_process:
-            writer.writerow([step, f"{np.mean(losses[-tc.log_every:]):.5f}", f"{lr_sched.get_last_lr()[0]:.2e}",
-                             f"{time.time() - t0:.1f}"])
-            log.flush()
-            acc.log({"loss": float(np.mean(losses[-tc.log_every:])), "lr": lr_sched.get_last_lr()[0]}, step=step)
+        if step % tc.log_every == 0 or step in (tc.steps, stop_after):  # one all-gather per log line, not every step
+            losses.append(acc.gather(torch.stack(window)[None]).mean().item())
+            window.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if acc.is_main_process:
+                writer.writerow([step, f"{losses[-1]:.5f}", f"{lr_sched.get_last_lr()[0]:.2e}", f"{time.time() - t0:.1f}"])
+                log.flush()
+                acc.log({"loss": losses[-1], "lr": lr_sched.get_last_lr()[0]}, step=step)
         out_of_time = (budget > 0 and time.time() - t0 > budget) or step == stop_after
         if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time or step == tc.steps):
             checkpoint()
@@ -324,7 +344,7 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     seconds = time.time() - t0
     result = {"stage": stage, "steps": step, "seconds": seconds, "rows": len(rows),
               "seconds_per_step": seconds / max(1, step - start_step),
-              "final_loss": float(np.mean(losses[-50:])) if losses else None}
+              "final_loss": float(np.mean(losses[-max(1, 50 // tc.log_every):])) if losses else None}
 
     # 4. Export the EMA weights as a pipeline folder
     if acc.is_main_process:
@@ -352,6 +372,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override the config's step count")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget; checkpoints and exports when reached")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (checkpoint + export) at this step, schedule unchanged")
+    ap.add_argument("--identity-prob", type=float, default=None, help="override stage 2's identity_prob")
     ap.add_argument("--init-unet", default=None, help="UNet to start from (stage 2 default: OUT/stage1/export)")
     ap.add_argument("--no-curriculum", action="store_true", help="stage 2 from random init (single-stage baseline)")
     ap.add_argument("--no-register", action="store_true", help="stage 2 on unregistered priors, all pairs (ablation)")
@@ -367,6 +388,8 @@ def main(argv=None):
         tc.steps = a.steps
     if a.init_unet is not None:
         tc.init_unet = a.init_unet
+    if a.identity_prob is not None:
+        tc.identity_prob = a.identity_prob
     train(cfg, a.stage, a.data, a.vae, a.out, a.resume, a.minutes, curriculum=not a.no_curriculum,
           register=not a.no_register, export_dtype=a.export_dtype, command=" ".join(sys.argv), stop_after=a.stop_after,
           cache_dir=a.cache_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,19 +83,12 @@ def select_pairs(data=None, split: str = "val", include_no_text: bool = False, l
 
 
 def _registrar():
-    """train.register.register, or None (with the reason) when it cannot be used here."""
+    """biomedjourney.register.register, or None (with the reason) when SimpleITK is missing."""
     import importlib.util
 
     if importlib.util.find_spec("SimpleITK") is None:
         return None, "SimpleITK is not installed (pip install SimpleITK)"
-    if not (REPO_ROOT / "train" / "register.py").is_file():
-        return None, "train/register.py not found (run from a repository checkout)"
-    if str(REPO_ROOT) not in sys.path:  # `train` is a top-level folder of the checkout, not in the package
-        sys.path.append(str(REPO_ROOT))
-    try:
-        from train.register import register
-    except ImportError as e:
-        return None, f"train.register unavailable ({e})"
+    from ..register import register
     return register, ""
 
 
@@ -287,7 +279,7 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
                      "n_pairs": len(pairs), "n_patients": len(set(pd.groups)),
                      "evaluators": "in-memory" if in_memory else str(evaluators or "assets/evaluators"),
                      "evaluator_labels": list(ev.cfg.labels),
-                     "registration": "follow-up registered onto the prior (train/register.py, affine) " +
+                     "registration": "follow-up registered onto the prior (biomedjourney/register.py, affine) " +
                                      ("" if pd.followup_reg is not None else f"- not computed: {reg_reason}"),
                      "seconds_total": round(time.time() - t_start, 1)},
         "notes": [

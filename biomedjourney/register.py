@@ -29,15 +29,9 @@ Degenerate transforms (reflection, extreme scale, anisotropy/shear, rotation,
 shift: ``AffineLimits``) are rejected; the best-scoring non-rejected candidate among
 {identity, similarity, affine} is returned, so registration never lowers the score.
 
-    python train/register.py PRIOR.png FOLLOWUP.png [--out registered.png]
+    python -m biomedjourney.register PRIOR.png FOLLOWUP.png [--out registered.png]
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import math
@@ -272,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("followup")
     ap.add_argument("--out", help="write the registered prior here (PNG)")
     a = ap.parse_args(argv)
-    from biomedjourney.imaging import read_image, save_png
+    from .imaging import read_image, save_png
 
     r = register(read_image(a.prior).pixels, read_image(a.followup).pixels)
     print(f"score {r.score:.4f} (before {r.score_before:.4f}) {r.reason}\nmatrix\n{np.array2string(r.matrix, precision=4)}")
