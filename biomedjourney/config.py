@@ -63,6 +63,8 @@ class SamplerConfig:
     scheduler: str = "dpmsolver++"              # 'ddim' | 'euler_a' | 'dpmsolver++'
     strength: float = 1.0                       # 1: start from pure noise (InstructPix2Pix); <1: from the noised
                                                 #   prior latent (SDEdit, Meng et al. 2022): stays closer to the prior
+    negative_prompt: str = ""                   # text guidance pushes from this towards the description; the
+                                                #   no-change text makes it draw what the description adds
     seed: int = 0
 
     @classmethod

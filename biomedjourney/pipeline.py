@@ -132,9 +132,11 @@ class BiomedJourneyPipeline:
 
     # ----------------------------------------------------------------- steps
     def check_inputs(self, prompt: Any, num_images: int, steps: int, guidance_scale: float,
-                     image_guidance_scale: float, scheduler: str, strength: float = 1.0) -> None:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+                     image_guidance_scale: float, scheduler: str, strength: float = 1.0,
+                     negative_prompt: str = "") -> None:
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} must be a string, got {type(text).__name__}")
         if not 1 <= num_images <= MAX_IMAGES:
             raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
         if not 1 <= steps <= 1000:
@@ -185,6 +187,7 @@ class BiomedJourneyPipeline:
                  image_guidance_scale: float | None = None, seed: int | None = None,
                  generator: list[torch.Generator] | torch.Generator | None = None,
                  scheduler: str | None = None, strength: float | None = None,
+                 negative_prompt: str | None = None,
                  callback: Callable[[int, int], None] | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> GenerationOutput:
@@ -192,7 +195,7 @@ class BiomedJourneyPipeline:
 
         Unset settings come from `self.defaults` (shipped with the model). `prompt_embeds` =
         precomputed (emb (1, T, D), mask (1, T)) skips the text encoder (training validation);
-        `negative_prompt_embeds` likewise replaces the empty prompt's embedding."""
+        `negative_prompt_embeds` likewise replaces the negative prompt's embedding."""
         d = self.defaults
         n = d.num_images if num_images is None else int(num_images)
         steps = d.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
@@ -200,7 +203,8 @@ class BiomedJourneyPipeline:
         g_img = d.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
         sched_name = scheduler or d.scheduler
         strength = d.strength if strength is None else float(strength)
-        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength)
+        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
+        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength, negative_prompt)
         seed = d.seed if seed is None else int(seed)
         seeds = [seed + i for i in range(n)]
         if generator is None:
@@ -211,7 +215,7 @@ class BiomedJourneyPipeline:
         if text_only:
             strength = 1.0  # nothing to start from
 
-        # 1. Encode prompt: [text, "", ""] for (text+image, image only, neither)
+        # 1. Encode prompt: [text, negative, negative] for (text+image, image only, neither); negative "" by default
         if prompt_embeds is not None:
             cond, cond_mask = (x.to(self.device) for x in prompt_embeds)
             cond = cond.to(self.dtype)
@@ -219,6 +223,8 @@ class BiomedJourneyPipeline:
             cond, cond_mask = self.encode_prompt([prompt])          # (1, T, D)
         if negative_prompt_embeds is not None:
             unc, unc_mask = negative_prompt_embeds[0].to(self.device, self.dtype), negative_prompt_embeds[1].to(self.device)
+        elif negative_prompt:
+            unc, unc_mask = self.encode_prompt([negative_prompt])  # (1, T, D)
         else:
             unc, unc_mask = self._uncond_embedding()
         branches = 2 if text_only else 3
@@ -271,7 +277,7 @@ class BiomedJourneyPipeline:
         images = self.decode_latents(latents)
         settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
                     "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
-                    "strength": strength,
+                    "strength": strength, "negative_prompt": negative_prompt,
                     "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
                     "model": self.model_id, "biomedjourney_version": __version__}
         return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings)

@@ -35,3 +35,15 @@ def test_fidelity_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert r["text_effect_mean_abs"]["n"] == r["change_pairs"]
     assert 0 <= r["lung_mask_area_fraction"] <= 1 and (tmp_path / "lung_mask.png").is_file()
     assert (tmp_path / "validation_grid.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())
+def test_tune_reports_the_measures_for_every_setting(tiny_model_dir, tmp_path):
+    from biomedjourney.evaluate.fidelity import main
+    main(["--model", str(tiny_model_dir), "--tune", "--limit", "2", "--strengths", "1.0", "0.5",
+          "--image-scales", "1.5", "--negative-prompts", "", "No significant interval change.", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "tuning.json").read_text())
+    assert [(r["strength"], r["negative_prompt"]) for r in rows] == [
+        (1.0, ""), (1.0, "No significant interval change."), (0.5, ""), (0.5, "No significant interval change.")]
+    for r in rows:
+        assert r["pairs"] == 2 and r["text_effect_mean_abs"] > 0 and 0 <= r["no_change_ssim_generated_vs_prior"] <= 1

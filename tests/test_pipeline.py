@@ -179,3 +179,15 @@ def test_strength_starts_from_the_noised_prior_and_runs_fewer_steps(pipe, prior)
     assert full.settings["strength"] == 1.0 and not np.allclose(out.images[0], full.images[0])
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\], got 0"):
         pipe(prior, "x", strength=0.0)
+
+
+def test_negative_prompt_replaces_the_empty_prompt_in_the_guidance_branches(pipe, prior):
+    kw = dict(num_images=1, seed=3, num_inference_steps=3)
+    neg = "No significant interval change."
+    out = pipe(prior, "New right pleural effusion.", negative_prompt=neg, **kw)
+    same = pipe(prior, "New right pleural effusion.", negative_prompt_embeds=pipe.encode_prompt([neg]), **kw)
+    plain = pipe(prior, "New right pleural effusion.", **kw)
+    assert np.array_equal(out.images[0], same.images[0]) and out.settings["negative_prompt"] == neg
+    assert plain.settings["negative_prompt"] == "" and not np.allclose(out.images[0], plain.images[0])
+    with pytest.raises(TypeError, match="negative_prompt must be a string, got int"):
+        pipe(prior, "x", negative_prompt=3)

@@ -8,6 +8,7 @@ Writes fidelity.json and validation_grid.png (prior | 3 samples | real follow-up
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -63,71 +64,63 @@ def lung_mask_figure(image: np.ndarray, path: Path) -> Path:
     return path
 
 
+def pair_measures(pipe: BiomedJourneyPipeline, prior: np.ndarray, follow: np.ndarray, text: str, seed: int = 0,
+                  **sampler) -> dict[str, float]:
+    """One validation pair: generate with the no-change text and (if it is one) the pair's change text, same seed."""
+    g0 = pipe(prior, NO_CHANGE, num_images=1, seed=seed, **sampler).images[0]
+    m = {"no_change_ssim_generated_vs_prior": image_ssim(g0, prior),
+         "real_followup_ssim_vs_prior": image_ssim(follow, prior),
+         "no_change_mean_abs_change": float(np.abs(g0 - prior).mean()),
+         "real_change_inside_lung_mask_fraction": inside_fraction(follow - prior)}
+    if text.strip() != NO_CHANGE:
+        g1 = pipe(prior, text, num_images=1, seed=seed, **sampler).images[0]
+        m.update({"change_mean_abs_change": float(np.abs(g1 - prior).mean()),
+                  "change_inside_lung_mask_fraction": inside_fraction(g1 - prior),
+                  # what the description itself draws: same seed, same noise, only the text differs
+                  "text_effect_mean_abs": float(np.abs(g1 - g0).mean()),
+                  "text_effect_inside_lung_mask_fraction": inside_fraction(g1 - g0),
+                  "change_ssim_to_real_followup": image_ssim(g1, follow)})
+    return m
+
+
+def _aggregate(measures: list[dict]) -> dict:
+    keys = dict.fromkeys(k for m in measures for k in m)
+    return {k: _ms([m[k] for m in measures if k in m]) for k in keys}
+
+
 def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 40, seed: int = 0,
              grid_path: Path | None = None, grid_pairs: int = 8) -> dict:
+    """Every generation uses the model's default sampler settings."""
     res = pipe.resolution
     load = lambda row: load_row(row, res)  # noqa: E731
     pairs = select_pairs(data, split, limit=limit)
     change_pairs = [p for p in pairs if p.progression_text.strip() != NO_CHANGE]
     t0 = time.time()
-    same, real_ssim, nochange_mag, change_mag, inside, real_inside, effect, effect_inside = ([] for _ in range(8))
-    for p in tqdm(pairs, desc="fidelity"):
-        prior, follow = load(p.prior), load(p.followup)
-        g0 = pipe(prior, NO_CHANGE, num_images=1, seed=seed).images[0]
-        same.append(image_ssim(g0, prior))
-        real_ssim.append(image_ssim(follow, prior))
-        nochange_mag.append(float(np.abs(g0 - prior).mean()))
-        real_inside.append(inside_fraction(follow - prior))
-        if p in change_pairs:
-            g1 = pipe(prior, p.progression_text, num_images=1, seed=seed).images[0]
-            change_mag.append(float(np.abs(g1 - prior).mean()))
-            inside.append(inside_fraction(g1 - prior))
-            # what the description itself draws: same seed, same noise, only the text differs
-            effect.append(float(np.abs(g1 - g0).mean()))
-            effect_inside.append(inside_fraction(g1 - g0))
-    out = {
-        "split": split, "pairs": len(pairs), "change_pairs": len(change_pairs), "seed": seed,
-        "settings": to_dict(pipe.defaults),  # every generation above used the model's defaults
-        "no_change_ssim_generated_vs_prior": _ms(same),
-        "real_followup_ssim_vs_prior": _ms(real_ssim),
-        "no_change_mean_abs_change": _ms(nochange_mag),
-        "change_mean_abs_change": _ms(change_mag),
-        "change_inside_lung_mask_fraction": _ms(inside),
-        "text_effect_mean_abs": _ms(effect),  # |generated(change text) - generated(no-change text)|, same seed
-        "text_effect_inside_lung_mask_fraction": _ms(effect_inside),
-        "real_change_inside_lung_mask_fraction": _ms(real_inside),
-        "lung_mask": LUNG_HEART, "lung_mask_area_fraction": float(lung_mask((res, res)).mean()),
-        "seconds": round(time.time() - t0, 1),
-    }
+    measures = [pair_measures(pipe, load(p.prior), load(p.followup), p.progression_text, seed)
+                for p in tqdm(pairs, desc="fidelity")]
+    out = {"split": split, "pairs": len(pairs), "change_pairs": len(change_pairs), "seed": seed,
+           "settings": to_dict(pipe.defaults), **_aggregate(measures),
+           "lung_mask": LUNG_HEART, "lung_mask_area_fraction": float(lung_mask((res, res)).mean()),
+           "seconds": round(time.time() - t0, 1)}
     if grid_path is not None:
         validation_grid(pipe, change_pairs[:grid_pairs] or pairs[:grid_pairs], load, seed, grid_path)
     return out
 
 
 def tune(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 12, seed: int = 0,
-         image_scales=(1.5, 3.0), strengths=(1.0, 0.8, 0.6), text_scales=(3.0,)) -> list[dict]:
-    """Grid over sampler settings on a split: no-change SSIM to the prior, change magnitude, SSIM to the real
-    follow-up. Pick defaults that keep the patient (no-change SSIM) yet follow the text (change gap)."""
+         image_scales=(1.5, 3.0), strengths=(1.0, 0.8, 0.6), text_scales=(3.0,), negative_prompts=("",)) -> list[dict]:
+    """Grid over sampler settings on pairs with a change description: the fidelity measures (means) per setting.
+    Pick defaults that keep the patient (no-change SSIM) yet follow the text (text effect)."""
     res = pipe.resolution
     pairs = [p for p in select_pairs(data, split, limit=None) if p.progression_text.strip() != NO_CHANGE][:limit]
     imgs = [(load_row(p.prior, res), load_row(p.followup, res), p.progression_text) for p in pairs]
     rows = []
-    for gi in image_scales:
-        for st in strengths:
-            for gt in text_scales:
-                kw = dict(num_images=1, seed=seed, image_guidance_scale=gi, strength=st, guidance_scale=gt)
-                same, mag0, mag1, real = [], [], [], []
-                for prior, follow, text in tqdm(imgs, desc=f"img {gi} strength {st} text {gt}", leave=False):
-                    g0 = pipe(prior, NO_CHANGE, **kw).images[0]
-                    g1 = pipe(prior, text, **kw).images[0]
-                    same.append(image_ssim(g0, prior))
-                    mag0.append(float(np.abs(g0 - prior).mean()))
-                    mag1.append(float(np.abs(g1 - prior).mean()))
-                    real.append(image_ssim(g1, follow))
-                rows.append({"image_guidance_scale": gi, "strength": st, "guidance_scale": gt,
-                             "no_change_ssim": float(np.mean(same)), "no_change_abs": float(np.mean(mag0)),
-                             "change_abs": float(np.mean(mag1)), "ssim_to_real": float(np.mean(real)), "pairs": len(imgs)})
-                print(rows[-1])
+    for gi, st, gt, neg in itertools.product(image_scales, strengths, text_scales, negative_prompts):
+        kw = dict(image_guidance_scale=gi, strength=st, guidance_scale=gt, negative_prompt=neg)
+        ms = [pair_measures(pipe, prior, follow, text, seed, **kw)
+              for prior, follow, text in tqdm(imgs, desc=f"img {gi} strength {st} text {gt} neg {neg!r}", leave=False)]
+        rows.append({**kw, "pairs": len(imgs), **{k: v["mean"] for k, v in _aggregate(ms).items()}})
+        print(rows[-1])
     return rows
 
 
@@ -173,11 +166,16 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/fidelity"))
     ap.add_argument("--tune", action="store_true", help="grid over sampler settings instead (writes tuning.json)")
+    ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.8, 0.6], help="--tune grid")
+    ap.add_argument("--image-scales", type=float, nargs="+", default=[1.5, 3.0], help="--tune grid")
+    ap.add_argument("--text-scales", type=float, nargs="+", default=[3.0], help="--tune grid")
+    ap.add_argument("--negative-prompts", nargs="+", default=[""], help="--tune grid ('' = the empty prompt)")
     a = ap.parse_args(argv)
     pipe = BiomedJourneyPipeline.from_pretrained(a.model, device="cpu")
     if a.tune:
         a.out.mkdir(parents=True, exist_ok=True)
-        rows = tune(pipe, data_root(a.data), a.split, min(a.limit, 12), a.seed)
+        rows = tune(pipe, data_root(a.data), a.split, min(a.limit, 12), a.seed, a.image_scales, a.strengths, a.text_scales,
+                    a.negative_prompts)
         (a.out / "tuning.json").write_text(json.dumps(rows, indent=2) + "\n")
         return
     r = fidelity(pipe, data_root(a.data), a.split, a.limit, a.seed, grid_path=a.out / "validation_grid.png")
