@@ -141,6 +141,12 @@ def test_autoencoder_training_exports_and_decoder_only_keeps_the_encoder(tiny_pr
         assert torch.equal(v, ft.encoder.state_dict()[k]), k
     assert not torch.equal(vae.decoder.conv_out.weight, ft.decoder.conv_out.weight)
     assert ft.config.scaling_factor == vae.config.scaling_factor
+    assert 0 < m["ssim_latent_noise_0.2"] <= 1
+    cfg.autoencoder.latent_noise = 0.5                          # decoder trained on perturbed latents
+    train_ae(cfg, tiny_prep, tmp_path / "ft-noise", init=tmp_path / "ae" / "vae", decoder_only=True)
+    ftn = AutoencoderKL.from_pretrained(tmp_path / "ft-noise" / "vae")
+    assert torch.equal(ftn.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert not torch.equal(ftn.decoder.conv_out.weight, ft.decoder.conv_out.weight)
 
 
 def test_identity_rows_turn_only_rows_with_a_prior_into_no_change_copies():

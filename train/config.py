@@ -30,6 +30,8 @@ class AutoencoderTrain:
     mixed_precision: str = "no"        # 'no' | 'bf16' (CPU autocast too) | 'fp16' (accelerate)
     max_minutes: float = 0.0           # >0: stop (and export) after this wall time
     pretrained: str = ""               # optional: a diffusers AutoencoderKL folder/hub id to start from (full: SD VAE)
+    latent_noise: float = 0.0          # >0: decode latents + U(0, latent_noise) x latent std x N(0, I) so the decoder
+                                       #   tolerates a sampler's latent errors (conditioning augmentation: CDM §4.1)
 
 
 @dataclass

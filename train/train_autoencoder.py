@@ -44,21 +44,27 @@ def load_split_images(data: Path, size: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_vae(vae, images: torch.Tensor, batch_size: int = 16) -> dict:
-    """Full-resolution reconstruction PSNR/SSIM on [0, 1] images (posterior mode)."""
+def evaluate_vae(vae, images: torch.Tensor, batch_size: int = 16, latent_noise: float = 0.2) -> dict:
+    """Full-resolution reconstruction PSNR/SSIM on [0, 1] images (posterior mode), and SSIM when the latent is
+    perturbed by latent_noise x its std (seeded): how much a sampler's small latent errors would cost."""
     vae.eval()
     dev = next(vae.parameters()).device
-    ps, ss = [], []
+    g = torch.Generator().manual_seed(0)
+    ps, ss, sn = [], [], []
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size]).to(dev)             # (B, 1, H, W) in [-1, 1]
-        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
         x01, y01 = (x + 1) / 2, ((y + 1) / 2).clamp(0, 1)
         ps.append(psnr(y01, x01, reduce=False).cpu())
         ss.append(ssim(y01, x01, reduce=False).cpu())
+        zn = z + latent_noise * z.std() * torch.randn(z.shape, generator=g).to(dev)
+        sn.append(ssim(((vae.decode(zn).sample + 1) / 2).clamp(0, 1), x01, reduce=False).cpu())
     vae.train()
     p, s = torch.cat(ps), torch.cat(ss)
     return {"psnr": float(p.mean()), "psnr_std": float(p.std()), "ssim": float(s.mean()),
-            "ssim_std": float(s.std()), "n": len(p)}
+            "ssim_std": float(s.std()), f"ssim_latent_noise_{latent_noise:g}": float(torch.cat(sn).mean()),
+            "n": len(p)}
 
 
 @torch.no_grad()
@@ -76,9 +82,12 @@ class _ReconstructStep(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x, noise):
+    def forward(self, x, noise, extra_noise=None):
         post = self.vae.encode(x).latent_dist
-        y = self.vae.decode(post.mean + post.std * noise).sample
+        z = post.mean + post.std * noise                                     # (B, C, h, w)
+        if extra_noise is not None:  # decoder robustness: scaled by this batch's latent spread
+            z = z + extra_noise * z.detach().std()
+        y = self.vae.decode(z).sample
         return y, post.kl().mean() / x[0].numel()
 
 
@@ -136,7 +145,11 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
         x = x[..., oy:oy + tc.crop, ox:ox + tc.crop].to(acc.device)    # (B, 1, crop, crop)
         f = 2 ** (len(cfg.model.vae.block_out_channels) - 1)
         noise = torch.randn(len(x), cfg.model.vae.latent_channels, tc.crop // f, tc.crop // f, generator=g)
-        y, kl = model(x, noise.to(acc.device))                         # (B, 1, crop, crop)
+        extra = None
+        if tc.latent_noise > 0:
+            extra = tc.latent_noise * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(noise.shape, generator=g)
+            extra = extra.to(acc.device)
+        y, kl = model(x, noise.to(acc.device), extra)                  # (B, 1, crop, crop)
         y = y.float()
         l1 = (y - x).abs().mean()
         s = ssim((y.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
@@ -221,6 +234,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
     ap.add_argument("--init", type=Path, default=None, help="start from this autoencoder folder")
     ap.add_argument("--decoder-only", action="store_true", help="fine-tune only the decoder (latents unchanged)")
+    ap.add_argument("--latent-noise", type=float, default=None,
+                    help="decode noisy latents (x latent std) so the decoder tolerates sampler errors, e.g. 0.3")
     ap.add_argument("--sweep", default="", help="comma-separated latent channel counts, e.g. 4,8,16")
     a = ap.parse_args(argv)
     cfg = load_config(a.config)
@@ -230,6 +245,8 @@ def main(argv=None):
         cfg.autoencoder.lr = a.lr
     if a.latent_channels:
         cfg.model.vae.latent_channels = a.latent_channels
+    if a.latent_noise is not None:
+        cfg.autoencoder.latent_noise = a.latent_noise
     if a.sweep:
         sweep(cfg, a.data, a.out, [int(c) for c in a.sweep.split(",")], a.minutes or 4.0)
     else:
