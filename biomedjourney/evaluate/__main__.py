@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-guidance-scale", type=float, default=None)
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--strength", type=float, default=None, help="same strength for every row (default: each model's)")
+    ap.add_argument("--negative-prompt", default=None, help="same negative prompt for every row (default: each model's)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
     ap.add_argument("--no-register-metrics", action="store_true", help="skip SSIM/PSNR against the registered follow-up")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--seeds must be >= 1, got {a.seeds}")
     cfg = EvalConfig(split=a.split, replicates=a.seeds, limit=a.limit, include_no_text=a.include_no_text,
                      num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,
-                     image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength, seed=a.seed,
+                     image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength,
+                     negative_prompt=a.negative_prompt, seed=a.seed,
                      register=not a.no_register_metrics, rows=parse_rows(a.row),
                      shipped_baselines=not a.no_shipped_baselines)
     t0 = time.time()
