@@ -123,12 +123,13 @@ def _check_description(description: str, what: str = "description") -> str:
     return text
 
 
-def _sampler(num_images, steps, guidance, image_guidance, scheduler, strength=None) -> dict:
+def _sampler(num_images, steps, guidance, image_guidance, scheduler, strength=None, transfer=None) -> dict:
     if scheduler not in SCHEDULERS:
         raise _error(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
     return {"num_images": int(num_images), "num_inference_steps": int(steps),
             "guidance_scale": float(guidance), "image_guidance_scale": float(image_guidance),
-            "scheduler": scheduler, "strength": None if strength is None else float(strength)}  # None: model default
+            "scheduler": scheduler, "strength": None if strength is None else float(strength),  # None: model default
+            "change_transfer": None if transfer is None else bool(transfer)}
 
 
 def _seed(seed, randomise: bool) -> int:
@@ -192,13 +193,13 @@ def preview_prior(prior_file):
 
 
 def generate(prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise,
-             scheduler, strength=None, request: gr.Request | None = None, progress=gr.Progress()):
+             scheduler, strength=None, transfer=None, request: gr.Request | None = None, progress=gr.Progress()):
     """Prior + description -> follow-ups, heatmaps, comparison, settings and downloads."""
     from biomedjourney.export import save_outputs
 
     description = _check_description(description)
     loaded = _read_prior(prior_file)
-    sampler = _sampler(num_images, steps, guidance, image_guidance, scheduler, strength)
+    sampler = _sampler(num_images, steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
     pipe = get_pipe()
     t0 = time.perf_counter()
@@ -259,7 +260,8 @@ def describe(prior_report, followup_report, intended_change, backend="auto"):
 
 
 def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler,
-                duration_ms=800, strength=None, request: gr.Request | None = None, progress=gr.Progress()):
+                duration_ms=800, strength=None, transfer=None, request: gr.Request | None = None,
+                progress=gr.Progress()):
     """A sequence of descriptions -> filmstrip, animated GIF and downloads (one sample per step)."""
     from biomedjourney.export import save_outputs
 
@@ -269,7 +271,7 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     except ValueError as e:
         raise _error(str(e), title="Cannot read the journey") from None
     loaded = _read_prior(prior_file)
-    sampler = _sampler(1, steps, guidance, image_guidance, scheduler, strength)
+    sampler = _sampler(1, steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
     pipe = get_pipe()
     try:
@@ -301,12 +303,12 @@ def on_load():
     try:
         pipe = get_pipe()
     except gr.Error as e:
-        return [gr.skip()] * 7 + [f"❌ **Model not available.** {e.message}"]
+        return [gr.skip()] * 8 + [f"❌ **Model not available.** {e.message}"]
     d = pipe.defaults
     note = pipe.info.get("note", "") if isinstance(pipe.info, dict) else ""
     status = f"Model: `{pipe.model_id}` · {pipe.resolution}×{pipe.resolution} px" + (f" · {note}" if note else "")
-    return [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale, d.strength, d.seed,
-            d.scheduler, status]
+    return [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale, d.strength,
+            d.change_transfer, d.seed, d.scheduler, status]
 
 
 # ======================================================================== layout
@@ -372,6 +374,10 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                         strength = gr.Slider(0.05, 1.0, value=_d.strength, step=0.05, label="Change allowed (strength)",
                                              info="1 starts from pure noise; lower starts from the noised prior and "
                                                   "keeps more of it (SDEdit).")
+                        transfer = gr.Checkbox(value=_d.change_transfer, label="Keep the prior's detail",
+                                               info="On: the prior plus only the change the model draws for the "
+                                                    "description (its sample minus its no-change sample, same noise). "
+                                                    "Off: the model's whole redrawn image.")
                         with gr.Row():
                             seed = gr.Number(value=_d.seed, precision=0, minimum=0, maximum=2**31 - 2, label="Seed",
                                              info="Same seed + settings = same images.")
@@ -432,7 +438,7 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
     prior_file.change(preview_prior, prior_file, [preview, prior_info], api_name="preview")
     generate_btn.click(
         generate, [prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise, scheduler,
-                   strength],
+                   strength, transfer],
         [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state],
         api_name="generate", scroll_to_output=True, concurrency_id="model",
         show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
@@ -442,10 +448,11 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                        show_progress_on=describe_info)  # an error must not cover the description
     journey_btn.click(
         run_journey, [prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler, duration,
-                      strength],
+                      strength, transfer],
         [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
         concurrency_id="model", show_progress_on=[strip_img, gif_img])
-    demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, seed, scheduler, model_status],
+    demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, transfer, seed, scheduler,
+                              model_status],
               api_visibility="private")
     demo.unload(_cleanup_session)
 

@@ -54,6 +54,9 @@ class ModelConfig:
         return cls(vae=vae, unet=unet, **{k: v for k, v in d.items() if k in known})
 
 
+NO_CHANGE = "No significant interval change."  # the description of a follow-up that did not change
+
+
 @dataclass
 class SamplerConfig:
     num_images: int = 4                         # follow-ups per request
@@ -65,12 +68,30 @@ class SamplerConfig:
                                                 #   prior latent (SDEdit, Meng et al. 2022): stays closer to the prior
     negative_prompt: str = ""                   # text guidance pushes from this towards the description; the
                                                 #   no-change text makes it draw what the description adds
+    change_transfer: bool = False               # True: prior + (sample(text) - sample(NO_CHANGE)), same noise: only
+                                                #   the change is generated; the prior's detail is kept exactly
     seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_overrides(self, items: list[str]) -> "SamplerConfig":
+        """A copy with KEY=VALUE strings applied (command lines: --sampler strength=0.6)."""
+        out = dataclasses.replace(self)
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not hasattr(self, key):
+                valid = ", ".join(f.name for f in dataclasses.fields(self))
+                raise ValueError(f"Bad sampler setting {item!r}: use KEY=VALUE with KEY one of {valid}")
+            old = getattr(self, key)
+            if isinstance(old, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"{key} must be true or false, got {value!r}")
+                value = value.lower() in ("true", "1")
+            setattr(out, key, type(old)(value))
+        return out
 
 
 def _tuples(d: dict) -> dict:

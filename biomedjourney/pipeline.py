@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from . import __version__
-from .config import ModelConfig, SamplerConfig, to_dict, write_json
+from .config import NO_CHANGE, ModelConfig, SamplerConfig, to_dict, write_json
 from .imaging import LoadedImage, read_image, to_model_input
 from .model import SCHEDULERS, build_unet, build_vae, make_scheduler, to_vae_input, training_scheduler_config
 from .text_encoders import TextEncoder, TinyTextEncoder, build_text_encoder, load_text_encoder
@@ -187,7 +187,7 @@ class BiomedJourneyPipeline:
                  image_guidance_scale: float | None = None, seed: int | None = None,
                  generator: list[torch.Generator] | torch.Generator | None = None,
                  scheduler: str | None = None, strength: float | None = None,
-                 negative_prompt: str | None = None,
+                 negative_prompt: str | None = None, change_transfer: bool | None = None,
                  callback: Callable[[int, int], None] | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
                  negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> GenerationOutput:
@@ -195,7 +195,9 @@ class BiomedJourneyPipeline:
 
         Unset settings come from `self.defaults` (shipped with the model). `prompt_embeds` =
         precomputed (emb (1, T, D), mask (1, T)) skips the text encoder (training validation);
-        `negative_prompt_embeds` likewise replaces the negative prompt's embedding."""
+        `negative_prompt_embeds` likewise replaces the negative prompt's embedding. `change_transfer`: each image is
+        the prior plus the difference between the sample for `prompt` and the sample for NO_CHANGE drawn with the
+        same noise (common random numbers), so the model's own blur cancels and only the described change is added."""
         d = self.defaults
         n = d.num_images if num_images is None else int(num_images)
         steps = d.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
@@ -214,6 +216,8 @@ class BiomedJourneyPipeline:
         text_only = prior is None
         if text_only:
             strength = 1.0  # nothing to start from
+        transfer = (d.change_transfer if change_transfer is None else bool(change_transfer)) and not text_only
+        k = 2 if transfer else 1  # trajectories: [prompt] or [prompt, NO_CHANGE]
 
         # 1. Encode prompt: [text, negative, negative] for (text+image, image only, neither); negative "" by default
         if prompt_embeds is not None:
@@ -221,6 +225,12 @@ class BiomedJourneyPipeline:
             cond = cond.to(self.dtype)
         else:
             cond, cond_mask = self.encode_prompt([prompt])          # (1, T, D)
+        if transfer:
+            ref, ref_mask = self.encode_prompt([NO_CHANGE])
+            cond = torch.cat([cond.expand(n, -1, -1), ref.expand(n, -1, -1)])           # (kB, T, D)
+            cond_mask = torch.cat([cond_mask.expand(n, -1), ref_mask.expand(n, -1)])
+        else:
+            cond, cond_mask = cond.expand(n, -1, -1), cond_mask.expand(n, -1)          # (B, T, D)
         if negative_prompt_embeds is not None:
             unc, unc_mask = negative_prompt_embeds[0].to(self.device, self.dtype), negative_prompt_embeds[1].to(self.device)
         elif negative_prompt:
@@ -228,8 +238,9 @@ class BiomedJourneyPipeline:
         else:
             unc, unc_mask = self._uncond_embedding()
         branches = 2 if text_only else 3
-        emb = torch.cat([cond] + [unc] * (branches - 1)).repeat_interleave(n, 0)            # (kB, T, D)
-        mask = torch.cat([cond_mask] + [unc_mask] * (branches - 1)).repeat_interleave(n, 0)  # (kB, T)
+        unc, unc_mask = unc.expand(k * n, -1, -1), unc_mask.expand(k * n, -1)
+        emb = torch.cat([cond] + [unc] * (branches - 1))                      # (branches*kB, T, D)
+        mask = torch.cat([cond_mask] + [unc_mask] * (branches - 1))           # (branches*kB, T)
 
         # 2. Encode prior (zero latent = the dummy prior of stage 1 and of image dropout)
         lc, f = self.vae.config.latent_channels, self.resolution // self.unet.config.sample_size
@@ -240,7 +251,7 @@ class BiomedJourneyPipeline:
         else:
             prior_img = self.prepare_prior(prior)
             z = self.encode_images(torch.from_numpy(prior_img)[None, None])                   # (1, C, h, w)
-            prior_lat = z.expand(n, -1, -1, -1)
+            prior_lat = z.expand(k * n, -1, -1, -1)                                         # (kB, C, h, w)
         zero = torch.zeros_like(prior_lat)
         image_cond = torch.cat([prior_lat, zero] if text_only else [prior_lat, prior_lat, zero])  # (kB, C, h, w)
 
@@ -248,20 +259,22 @@ class BiomedJourneyPipeline:
         sched = make_scheduler(sched_name, self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generator])      # (B, C, h, w)
-        noise = noise.to(self.device, self.dtype)
+        noise = noise.to(self.device, self.dtype).repeat(k, 1, 1, 1)                       # (kB, C, h, w)
+        if transfer:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
+            generator = list(generator) + [_clone(g) for g in generator]
         skip = min(steps - 1, int(round(steps * (1 - strength))))
         timesteps = sched.timesteps[skip:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(skip)
         if skip:
-            latents = sched.add_noise(prior_lat.float(), noise.float(), timesteps[:1].repeat(n)).to(self.dtype)
+            latents = sched.add_noise(prior_lat.float(), noise.float(), timesteps[:1].repeat(k * n)).to(self.dtype)
         else:
             latents = noise * sched.init_noise_sigma
 
         # 4. Denoise: one batched UNet call per step, dual guidance (InstructPix2Pix eq. 3)
         for i, t in enumerate(timesteps):
-            x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (kB, C, h, w)
-            x = torch.cat([x, image_cond], dim=1)                                          # (kB, 2C, h, w)
+            x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (branches*kB, C, h, w)
+            x = torch.cat([x, image_cond], dim=1)                                          # (branches*kB, 2C, h, w)
             eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
             eps = eps.float()
             if text_only:
@@ -273,11 +286,13 @@ class BiomedJourneyPipeline:
             if callback is not None:
                 callback(i + 1, len(timesteps))
 
-        # 5. Decode
+        # 5. Decode (change transfer: prior + sample(prompt) - sample(NO_CHANGE), in pixels)
         images = self.decode_latents(latents)
+        if transfer:
+            images = [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
         settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
                     "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
-                    "strength": strength, "negative_prompt": negative_prompt,
+                    "strength": strength, "negative_prompt": negative_prompt, "change_transfer": transfer,
                     "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
                     "model": self.model_id, "biomedjourney_version": __version__}
         return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings)
@@ -290,6 +305,12 @@ def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.T
     e_full: text+prior, e_image: prior only, e_uncond: neither. s_T = s_I = 1 gives e_full.
     """
     return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
+
+
+def _clone(g: torch.Generator) -> torch.Generator:
+    c = torch.Generator(device=g.device)
+    c.set_state(g.get_state())
+    return c
 
 
 def _copy_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import NO_CHANGE
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,7 +37,6 @@ __all__ = [
     "SYSTEM_PROMPT", "PROMPT_VERSION", "NO_CHANGE", "PRICES_PER_1K",
 ]
 
-NO_CHANGE = "No significant interval change."
 
 
 class ProgressionError(RuntimeError):

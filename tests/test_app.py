@@ -127,6 +127,9 @@ def test_same_seed_same_images_random_seed_is_reported(app_module, small_png):
     assert c[5]["strength"] == app_module.get_pipe().defaults.strength   # no slider value: the model's default
     e = _generate(app_module, small_png, seed=c[8], n=1, strength=0.5)
     assert e[5]["strength"] == 0.5 and not np.array_equal(e[0][0][0], d[0][0][0])
+    t = _generate(app_module, small_png, seed=c[8], n=1, transfer=True)
+    assert t[5]["change_transfer"] is True and c[5]["change_transfer"] is False
+    assert not np.array_equal(t[0][0][0], d[0][0][0])
 
 
 def test_clicking_a_sample_compares_it_with_the_prior(app_module, generated):
@@ -192,8 +195,8 @@ def test_missing_model_is_explained(app_module, monkeypatch, tmp_path):
 def test_on_load_sets_the_models_defaults(app_module, tiny_model_dir):
     values = app_module.on_load()
     d = app_module.get_pipe().defaults
-    assert values[:7] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
-                          d.strength, d.seed, d.scheduler]
+    assert values[:8] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
+                          d.strength, d.change_transfer, d.seed, d.scheduler]
     assert "64×64" in values[-1]
     assert app_module.initial_defaults() == d  # read from the folder's config without loading weights
 

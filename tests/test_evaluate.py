@@ -234,9 +234,10 @@ def test_cli_end_to_end_on_fake_split(tmp_path):
     main(["--model", str(model), "--data", str(root), "--split", "val", "--out", str(out), "--seeds", "2",
           "--limit", "3", "--num-inference-steps", "2", "--evaluators", str(tmp_path / "ev"), "--threads", "1",
           "--row", f"single_stage={model}", "--row", f"no_registration={tmp_path / 'absent'}",
-          "--no-shipped-baselines", "--negative-prompt", "No significant interval change."])
+          "--no-shipped-baselines", "--negative-prompt", "No significant interval change.", "--change-transfer", "true"])
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["negative_prompt"] == "No significant interval change."
+    assert res["settings"]["change_transfer"] is True
     assert list(res["rows"]) == list(table.ROWS) == res["row_order"]
     assert {"rows", "row_order", "metrics", "evaluator_ceilings", "settings", "notes"} <= set(res)
     rows = res["rows"]

@@ -22,10 +22,10 @@ def test_generate_through_the_api(client, rg1_path):
     from gradio_client import handle_file
 
     gallery, slider, heat, mean_map, std_map, settings, files, zip_path, seed = client.predict(
-        handle_file(rg1_path), "New right pleural effusion.", 2, 3, 4.0, 1.5, 5, False, "ddim", 0.8,
+        handle_file(rg1_path), "New right pleural effusion.", 2, 3, 4.0, 1.5, 5, False, "ddim", 0.8, True,
         api_name="/generate")
     assert seed == 5 and settings["seeds"] == [5, 6] and settings["prompt"] == "New right pleural effusion."
-    assert settings["strength"] == 0.8
+    assert settings["strength"] == 0.8 and settings["change_transfer"] is True
     assert len(gallery) == 2 and [g["caption"] for g in gallery] == ["Sample 1 · seed 5", "Sample 2 · seed 6"]
     assert all(Path(g["image"]).is_file() for g in gallery + heat)
     assert len(slider) == 2 and all(Path(p).is_file() for p in slider)

@@ -191,3 +191,37 @@ def test_negative_prompt_replaces_the_empty_prompt_in_the_guidance_branches(pipe
     assert plain.settings["negative_prompt"] == "" and not np.allclose(out.images[0], plain.images[0])
     with pytest.raises(TypeError, match="negative_prompt must be a string, got int"):
         pipe(prior, "x", negative_prompt=3)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_change_transfer_adds_only_the_described_change_to_the_prior(pipe, prior, scheduler):
+    from biomedjourney.config import NO_CHANGE
+    kw = dict(num_images=2, seed=4, num_inference_steps=4, scheduler=scheduler, strength=0.75)
+    out = pipe(prior, "New right pleural effusion.", change_transfer=True, **kw)
+    a = pipe(prior, "New right pleural effusion.", **kw).images       # the same noise, drawn call by call
+    b = pipe(prior, NO_CHANGE, **kw).images
+    assert out.settings["change_transfer"] is True
+    for i in range(2):  # image i = prior + sample_i(text) - sample_i(no change): also for the ancestral sampler
+        np.testing.assert_allclose(out.images[i], np.clip(out.prior + a[i] - b[i], 0, 1), atol=1e-5)
+    same = pipe(prior, NO_CHANGE, change_transfer=True, **kw)        # nothing described, nothing added
+    np.testing.assert_allclose(same.images[0], same.prior, atol=1e-6)
+    assert not np.allclose(out.images[0], out.prior, atol=1e-3)
+
+
+def test_change_transfer_is_off_without_a_prior(pipe):
+    out = pipe(None, "Findings: Effusion.", num_images=1, num_inference_steps=2, change_transfer=True)
+    assert out.settings["change_transfer"] is False and out.images[0].shape == (64, 64)
+
+
+def test_sampler_overrides_from_the_command_line():
+    from biomedjourney.config import SamplerConfig
+    d = SamplerConfig()
+    o = d.with_overrides(["strength=0.6", "change_transfer=false", "negative_prompt=No significant interval change.",
+                          "num_images=2"])
+    assert (o.strength, o.change_transfer, o.negative_prompt, o.num_images) == (
+        0.6, False, "No significant interval change.", 2)
+    assert d.with_overrides(["change_transfer=True"]).change_transfer is True and d.strength == 1.0  # a copy
+    with pytest.raises(ValueError, match="use KEY=VALUE with KEY one of num_images"):
+        d.with_overrides(["strenght=0.6"])
+    with pytest.raises(ValueError, match="change_transfer must be true or false, got 'yes please'"):
+        d.with_overrides(["change_transfer=yes please"])

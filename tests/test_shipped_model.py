@@ -36,8 +36,26 @@ def test_default_model_generates_at_256_px_reproducibly(rg1_path, monkeypatch):
     assert err_own < err_other
 
 
+def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_finding(rg1_path):
+    """On a radiograph from outside the dataset (pydicom's RG1_UNCI), the model's own drawing (no change
+    transfer): measured 0.81 SSIM to the prior for "no change" and 1.4x more change for a new effusion."""
+    from biomedjourney.config import NO_CHANGE
+    from biomedjourney.metrics import image_ssim
+    pipe = BiomedJourneyPipeline.from_pretrained(ASSETS / "biomedjourney-cxr", device="cpu")
+    d = pipe.defaults
+    assert (d.strength, d.negative_prompt, d.change_transfer) == (0.6, NO_CHANGE, True)
+    same = pipe(rg1_path, NO_CHANGE, num_images=1, seed=0, change_transfer=False)
+    new = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=0, change_transfer=False)
+    assert image_ssim(same.images[0], same.prior) > 0.75
+    assert np.abs(new.images[0] - new.prior).mean() > 1.2 * np.abs(same.images[0] - same.prior).mean()
+    shipped = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=0)   # default: change transfer
+    np.testing.assert_allclose(shipped.images[0], np.clip(new.prior + new.images[0] - same.images[0], 0, 1), atol=2e-3)
+
+
 def test_model_card_states_use_licence_and_results():
     card = (ASSETS / "MODEL_CARD.md").read_text()
-    for needle in ("not for diagnosis", "CC BY-NC-SA 4.0", "PSNR", "validation_grid.png", "train/configs/demo-cpu.yaml"):
+    for needle in ("not for diagnosis", "CC BY-NC-SA 4.0", "PSNR", "validation_grid.png", "train/configs/demo-cpu.yaml",
+                   "--identity-prob 0.2", "--latent-noise 0.3", "lung_mask.png"):
         assert needle in card
-    assert (ASSETS / "validation_grid.png").stat().st_size > 50_000
+    for png in ("validation_grid.png", "validation_grid_plain.png", "lung_mask.png"):
+        assert (ASSETS / png).stat().st_size > 20_000, png

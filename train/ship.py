@@ -42,10 +42,7 @@ def main(argv=None):
         pipe.info["autoencoder"] = str(a.vae)
     if a.note:
         pipe.info["note"] = a.note
-    for kv in a.sampler:
-        key, _, value = kv.partition("=")
-        old = getattr(pipe.defaults, key)  # AttributeError names an unknown key
-        setattr(pipe.defaults, key, type(old)(value))
+    pipe.defaults = pipe.defaults.with_overrides(a.sampler)
     if a.to.exists():
         shutil.rmtree(a.to)
     pipe.save_pretrained(a.to, dtype=torch.float16)

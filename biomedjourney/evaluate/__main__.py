@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--strength", type=float, default=None, help="same strength for every row (default: each model's)")
     ap.add_argument("--negative-prompt", default=None, help="same negative prompt for every row (default: each model's)")
+    ap.add_argument("--change-transfer", choices=["true", "false"], default=None,
+                    help="same change-transfer setting for every row (default: each model's)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
     ap.add_argument("--no-register-metrics", action="store_true", help="skip SSIM/PSNR against the registered follow-up")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                      num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale,
                      image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength,
                      negative_prompt=a.negative_prompt, seed=a.seed,
+                     change_transfer=None if a.change_transfer is None else a.change_transfer == "true",
                      register=not a.no_register_metrics, rows=parse_rows(a.row),
                      shipped_baselines=not a.no_shipped_baselines)
     t0 = time.time()

@@ -90,7 +90,7 @@ def _aggregate(measures: list[dict]) -> dict:
 
 def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 40, seed: int = 0,
              grid_path: Path | None = None, grid_pairs: int = 8) -> dict:
-    """Every generation uses the model's default sampler settings."""
+    """Every generation uses the pipeline's default sampler settings (pipe.defaults)."""
     res = pipe.resolution
     load = lambda row: load_row(row, res)  # noqa: E731
     pairs = select_pairs(data, split, limit=limit)
@@ -165,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/fidelity"))
+    ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a default of the model, e.g. change_transfer=false")
     ap.add_argument("--tune", action="store_true", help="grid over sampler settings instead (writes tuning.json)")
     ap.add_argument("--strengths", type=float, nargs="+", default=[1.0, 0.8, 0.6], help="--tune grid")
     ap.add_argument("--image-scales", type=float, nargs="+", default=[1.5, 3.0], help="--tune grid")
@@ -172,6 +174,7 @@ def main(argv=None):
     ap.add_argument("--negative-prompts", nargs="+", default=[""], help="--tune grid ('' = the empty prompt)")
     a = ap.parse_args(argv)
     pipe = BiomedJourneyPipeline.from_pretrained(a.model, device="cpu")
+    pipe.defaults = pipe.defaults.with_overrides(a.sampler)
     if a.tune:
         a.out.mkdir(parents=True, exist_ok=True)
         rows = tune(pipe, data_root(a.data), a.split, min(a.limit, 12), a.seed, a.image_scales, a.strengths, a.text_scales,

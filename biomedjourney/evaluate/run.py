@@ -39,6 +39,7 @@ class EvalConfig:
     scheduler: str | None = None
     strength: float | None = None           # None: each model's default (1 = from noise; <1 from the noised prior)
     negative_prompt: str | None = None      # None: each model's default ("" or the no-change text)
+    change_transfer: bool | None = None     # None: each model's default (True: prior + the generated change)
     seed: int = 0                           # base of the per-pair generation seeds
     register: bool = True                   # also score against the registered follow-up
     grid_pairs: int = 4                     # pairs shown in samples.png
@@ -192,7 +193,8 @@ def generate_row(pipe, pd: PairData, cfg: EvalConfig, text_only: bool, desc: str
         out = pipe(None if text_only else pd.prior[i], pd.texts[i], num_images=cfg.replicates,
                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                    image_guidance_scale=cfg.image_guidance_scale, seed=pair_seed(cfg.seed, pd.pair_ids[i]),
-                   scheduler=cfg.scheduler, strength=cfg.strength, negative_prompt=cfg.negative_prompt)
+                   scheduler=cfg.scheduler, strength=cfg.strength, negative_prompt=cfg.negative_prompt,
+                   change_transfer=cfg.change_transfer)
         reps.append(np.stack(out.images))                                  # (K, R, R)
     return np.stack(reps, 1), time.time() - t0                             # (K, N, R, R)
 
