@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="1 = start from noise; lower starts from the noised prior and stays closer to it")
     g.add_argument("--negative-prompt", default=None,
                    help="text guidance pushes away from this (default: the model's, e.g. the no-change text)")
+    g.add_argument("--change-transfer", choices=["on", "off"], default=None,
+                   help="on: the prior plus only the generated change; off: the model's whole drawing (default: the model's)")
     g.add_argument("--model", default=None, help="model folder or Hugging Face Hub id (default: the shipped model)")
     g.add_argument("--dicom", action="store_true", help="also write DICOM Secondary Capture files (marked synthetic)")
     g.add_argument("--heatmaps", action="store_true",
@@ -80,7 +82,8 @@ def _generate(a) -> int:
     try:
         out = pipe(loaded, a.text, num_images=a.num_images, num_inference_steps=a.steps,
                    guidance_scale=a.guidance_scale, image_guidance_scale=a.image_guidance_scale,
-                   seed=a.seed, scheduler=a.scheduler, strength=a.strength, negative_prompt=a.negative_prompt)
+                   seed=a.seed, scheduler=a.scheduler, strength=a.strength, negative_prompt=a.negative_prompt,
+                   change_transfer=None if a.change_transfer is None else a.change_transfer == "on")
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,11 @@ from pathlib import Path
 
 from .config import NO_CHANGE
 
+try:
+    import fcntl  # POSIX advisory locks for the shared answer cache
+except ImportError:  # Windows: O_APPEND alone
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -568,7 +573,9 @@ class OpenAIDescriber:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        with open(path, "ab", buffering=0) as f:  # O_APPEND: one write per line, safe across processes
+        with open(path, "ab", buffering=0) as f:  # O_APPEND: one write per line
+            if fcntl is not None:  # the partial-line check and the write are one step across processes
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
             if f.tell() > 0:
                 with open(path, "rb") as r:
                     r.seek(-1, os.SEEK_END)

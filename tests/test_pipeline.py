@@ -149,10 +149,11 @@ def test_cli_generate_on_the_pydicom_chest_radiograph(tiny_model_dir, rg1_path, 
     from biomedjourney.imaging import read_dicom_markers
     rc = main(["generate", "--prior", rg1_path, "--text", "New right pleural effusion.", "--num-images", "2",
                "--seed", "0", "--out", str(tmp_path), "--model", str(tiny_model_dir), "--dicom", "--steps", "2",
-               "--heatmaps"])
+               "--heatmaps", "--change-transfer", "on", "--negative-prompt", "No significant interval change."])
     assert rc == 0
     side = json.loads((tmp_path / "settings.json").read_text())
     assert side["seeds"] == [0, 1] and side["prompt"] == "New right pleural effusion." and side["num_inference_steps"] == 2
+    assert side["change_transfer"] is True and side["negative_prompt"] == "No significant interval change."
     assert sorted(p.name for p in tmp_path.glob("followup_*")) == [
         "followup_1_seed0.dcm", "followup_1_seed0.png", "followup_2_seed1.dcm", "followup_2_seed1.png"]
     assert sorted(p.name for p in tmp_path.glob("heatmap_*.png")) == [
