@@ -22,9 +22,13 @@ python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/va
 # (prior, "No significant interval change.", prior) so that "no change" keeps the patient
 python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN-identity" \
     --init-unet "$RUN/stage2/export" --identity-prob 0.2 --steps 5000 --resume latest
+# ... and 5,000 more steps from that export (a fresh warm-up and cosine schedule)
+python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/vae-ft/vae" --out "$RUN-identity2" \
+    --init-unet "$RUN-identity/stage2/export" --identity-prob 0.2 --steps 5000 --resume latest
 # decoder fine-tuned on noisy latents (encoder frozen) so the sampler's small latent errors do not turn into grain
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/vae-noise" --init "$RUN/vae-ft/vae" \
     --decoder-only --latent-noise 0.3 --steps 1500 --lr 1e-4 --resume latest
-echo "exported: $RUN-identity/stage2/export; ship it as the default with:"
-echo "  python train/ship.py --export $RUN-identity/stage2/export --vae $RUN/vae-noise/vae --sampler strength=0.6 \\"
-echo "      --sampler 'negative_prompt=No significant interval change.' --sampler change_transfer=true --to assets/biomedjourney-cxr"
+echo "exported: $RUN-identity2/stage2/export; ship it as the default with:"
+echo "  python train/ship.py --export $RUN-identity2/stage2/export --vae $RUN/vae-noise/vae --sampler strength=0.6 \\"
+echo "      --sampler guidance_scale=2.0 --sampler 'negative_prompt=No significant interval change.' \\"
+echo "      --sampler change_transfer=true --to assets/biomedjourney-cxr"
