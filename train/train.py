@@ -194,7 +194,7 @@ def validation_grid(pipe: BiomedJourneyPipeline, val: list[dict], cache: dict, i
             prior = pipe.decode_latents(z)[0]
         neg = (cache["text_emb"][empty][None].float(), cache["text_mask"][empty][None].long())
         out = pipe(prior, r["text"], num_images=1, num_inference_steps=steps, seed=seed + i, prompt_embeds=emb,
-                   negative_prompt_embeds=neg)
+                   negative_prompt_embeds=neg, change_transfer=False)  # the cache has no encoder for NO_CHANGE
         real = pipe.decode_latents(cache["latents"][idx["target"][i]][None].to(pipe.device, pipe.dtype))[0]
         for ax, im, title in zip(axes[i], [prior if prior is not None else np.zeros_like(real), out.images[0], real],
                                  ["prior (decoded)" if stage == 2 else "(no prior: stage 1)", "generated", "real"]):
