@@ -56,7 +56,7 @@ class BiomedJourneyPipeline:
         self.scheduler_config = scheduler_config or training_scheduler_config(model_config)
         self.info = info or {}
         self.model_id = model_id
-        self._uncond: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "", negative prompt, NO_CHANGE
         lc = vae.config.latent_channels
         if unet.config.in_channels != 2 * lc:
             raise ValueError(f"UNet expects {unet.config.in_channels} input channels, got {lc}+{lc} "
@@ -79,7 +79,7 @@ class BiomedJourneyPipeline:
         for m in (self.unet, self.vae):
             m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device)  # text encoders stay fp32 (small, and run once per call)
-        self._uncond = None
+        self._fixed = {}
         return self
 
     # ----------------------------------------------------------------- save / load
@@ -160,10 +160,11 @@ class BiomedJourneyPipeline:
         emb, mask = self.text_encoder(prompts)                      # (B, T, D), (B, T)
         return emb.to(self.device, self.dtype), mask.to(self.device)
 
-    def _uncond_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._uncond is None:  # the empty prompt, encoded once
-            self._uncond = self.encode_prompt([""])
-        return self._uncond
+    def _fixed_embedding(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts every call repeats (the empty one, the negative one, NO_CHANGE), encoded once each."""
+        if text not in self._fixed:
+            self._fixed[text] = self.encode_prompt([text])
+        return self._fixed[text]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,6 +219,16 @@ class BiomedJourneyPipeline:
             strength = 1.0  # nothing to start from
         transfer = (d.change_transfer if change_transfer is None else bool(change_transfer)) and not text_only
         k = 2 if transfer else 1  # trajectories: [prompt] or [prompt, NO_CHANGE]
+        settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
+                    "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
+                    "strength": strength, "negative_prompt": negative_prompt, "change_transfer": transfer,
+                    "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
+                    "model": self.model_id, "biomedjourney_version": __version__}
+        if transfer and prompt_embeds is None and prompt.strip() == NO_CHANGE:
+            # both trajectories would be the same sample, so prior + (a - a): nothing to denoise
+            prior_img = self.prepare_prior(prior)
+            return GenerationOutput(images=[prior_img.copy() for _ in range(n)], prior=prior_img, seeds=seeds,
+                                    settings=settings)
 
         # 1. Encode prompt: [text, negative, negative] for (text+image, image only, neither); negative "" by default
         if prompt_embeds is not None:
@@ -226,17 +237,15 @@ class BiomedJourneyPipeline:
         else:
             cond, cond_mask = self.encode_prompt([prompt])          # (1, T, D)
         if transfer:
-            ref, ref_mask = self.encode_prompt([NO_CHANGE])
+            ref, ref_mask = self._fixed_embedding(NO_CHANGE)
             cond = torch.cat([cond.expand(n, -1, -1), ref.expand(n, -1, -1)])           # (kB, T, D)
             cond_mask = torch.cat([cond_mask.expand(n, -1), ref_mask.expand(n, -1)])
         else:
             cond, cond_mask = cond.expand(n, -1, -1), cond_mask.expand(n, -1)          # (B, T, D)
         if negative_prompt_embeds is not None:
             unc, unc_mask = negative_prompt_embeds[0].to(self.device, self.dtype), negative_prompt_embeds[1].to(self.device)
-        elif negative_prompt:
-            unc, unc_mask = self.encode_prompt([negative_prompt])  # (1, T, D)
         else:
-            unc, unc_mask = self._uncond_embedding()
+            unc, unc_mask = self._fixed_embedding(negative_prompt)  # (1, T, D)
         branches = 2 if text_only else 3
         unc, unc_mask = unc.expand(k * n, -1, -1), unc_mask.expand(k * n, -1)
         emb = torch.cat([cond] + [unc] * (branches - 1))                      # (branches*kB, T, D)
@@ -290,11 +299,6 @@ class BiomedJourneyPipeline:
         images = self.decode_latents(latents)
         if transfer:
             images = [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
-        settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
-                    "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
-                    "strength": strength, "negative_prompt": negative_prompt, "change_transfer": transfer,
-                    "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
-                    "model": self.model_id, "biomedjourney_version": __version__}
         return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings)
 
 

@@ -204,8 +204,10 @@ def test_change_transfer_adds_only_the_described_change_to_the_prior(pipe, prior
     assert out.settings["change_transfer"] is True
     for i in range(2):  # image i = prior + sample_i(text) - sample_i(no change): also for the ancestral sampler
         np.testing.assert_allclose(out.images[i], np.clip(out.prior + a[i] - b[i], 0, 1), atol=1e-5)
-    same = pipe(prior, NO_CHANGE, change_transfer=True, **kw)        # nothing described, nothing added
-    np.testing.assert_allclose(same.images[0], same.prior, atol=1e-6)
+    steps = []
+    same = pipe(prior, NO_CHANGE, change_transfer=True, callback=lambda i, n: steps.append(i), **kw)
+    np.testing.assert_allclose(same.images[0], same.prior, atol=1e-6)  # nothing described, nothing added
+    assert steps == [] and same.settings["change_transfer"] is True    # ... and nothing denoised to find that out
     assert not np.allclose(out.images[0], out.prior, atol=1e-3)
 
 

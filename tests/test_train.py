@@ -166,7 +166,7 @@ def test_identity_rows_turn_only_rows_with_a_prior_into_no_change_copies():
 
 def test_stage2_with_identity_rows_rebuilds_a_cache_without_the_no_change_prompt(tiny_prep, tmp_path):
     from safetensors.torch import save_file
-    from biomedjourney.progression import NO_CHANGE
+    from biomedjourney.config import NO_CHANGE
     from train.train import _keys
     _train(tiny_prep, tmp_path, 1)
     r = _train(tiny_prep, tmp_path, 2, identity_prob=0.5)

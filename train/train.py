@@ -39,10 +39,9 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from biomedjourney.config import write_json
+from biomedjourney.config import NO_CHANGE, write_json
 from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
 from biomedjourney.pipeline import BiomedJourneyPipeline
-from biomedjourney.progression import NO_CHANGE
 from biomedjourney.text_encoders import build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import DiffusionTrain, RunConfig, config_dict, load_config
