@@ -35,6 +35,8 @@ def test_fidelity_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert r["text_effect_mean_abs"]["n"] == r["change_pairs"]
     assert 0 <= r["lung_mask_area_fraction"] <= 1 and (tmp_path / "lung_mask.png").is_file()
     assert (tmp_path / "validation_grid.png").stat().st_size > 10_000
+    if r["change_pairs"]:
+        assert (tmp_path / "change_location.png").stat().st_size > 5_000
 
 
 @pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())

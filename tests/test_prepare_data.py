@@ -73,11 +73,17 @@ def test_shared_dataset_limited_run(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     s1, s2, rep = check_common(out)
     assert s1 and s2 and all(licence_ok_for_weights(r["license"]) for r in s1)
+    assert rep["settings"]["match_exposure"] and rep["settings"]["fill_out_of_view"]
+    for v in rep["registration"]["train_target_change"].values():  # what the kept train pairs teach
+        assert v["n"] > 0 and 0 <= v["inside_lung_mask_fraction"] <= 1 and 0 < v["mean_abs_change"] < 1
     assert all(r["kept"] == (r["reg_score"] >= rep["registration"]["threshold"]) for r in s2)
     for r in s2:
         if r["kept"]:  # registered prior written on the follow-up's grid
             assert Path(r["prior"]).parent == out / "registered"
             assert Image.open(r["prior"]).size == Image.open(r["followup"]).size
+            # harmonised with its follow-up (defaults on): no black out-of-view wedge is added
+            black = lambda f: (np.asarray(Image.open(f)) == 0).mean()  # noqa: E731
+            assert black(r["prior"]) <= max(black(r["prior_original"]), black(r["followup"])) + 0.01
         else:
             assert r["prior"] == r["prior_original"]
         assert r["reg_score_before"] is not None and r["reg_score"] >= r["reg_score_before"]
@@ -285,6 +291,13 @@ def test_manifest_roundtrip_and_hash(tmp_path):
     assert read_manifest(tmp_path / "stage1.csv")[0]["age"] == 41.0
     write_manifest([{"image_id": "j"}], tmp_path / "stage1.csv", STAGE1_COLUMNS)
     assert manifest_hash(tmp_path) != h
+    # the registered priors' pixels are part of the data: other harmonisation, other hash
+    h = manifest_hash(tmp_path)
+    (tmp_path / "registered").mkdir(exist_ok=True)
+    (tmp_path / "registered" / "q.png").write_bytes(b"one")
+    h1 = manifest_hash(tmp_path)
+    (tmp_path / "registered" / "q.png").write_bytes(b"two")
+    assert len({h, h1, manifest_hash(tmp_path)}) == 3
 
 
 def test_module_mode_runs():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from biomedjourney.register import DEFAULT_THRESHOLD, AffineLimits, degenerate, ncc, register
+from biomedjourney.register import DEFAULT_THRESHOLD, AffineLimits, central_window, degenerate, harmonise, ncc, register
 
 
 def synthetic_cxr(size: int = 256, seed: int = 0) -> np.ndarray:
@@ -108,3 +108,24 @@ def test_ncc_window_and_coverage():
     assert ncc(a, a) == pytest.approx(1.0)
     assert ncc(a, 1 - a) == pytest.approx(-1.0)
     assert ncc(a, a, mask=np.zeros_like(a, bool)) == -math.inf  # nothing covered
+
+
+def test_harmonise_fills_out_of_view_and_matches_exposure():
+    follow = synthetic_cxr(seed=3)
+    t = about_centre(np.eye(2), (18.0, -12.0))  # a shift: the moved prior leaves a wedge uncovered
+    prior = np.clip(0.6 * move(follow, t) + 0.25, 0, 1)  # same anatomy, other exposure (gain 0.6, offset 0.25)
+    r = register(prior, follow)
+    assert r.coverage is not None and r.coverage.shape == follow.shape
+    assert 0.05 < (~r.coverage).mean() < 0.3  # a wedge of film edge
+    assert np.abs(r.registered[~r.coverage]).max() == 0.0  # ... that resampling filled with black
+    h = harmonise(r, follow)
+    np.testing.assert_array_equal(h[~r.coverage], follow[~r.coverage])  # filled from the follow-up
+    win = central_window(follow.shape) & r.coverage
+    assert abs(h[win].mean() - follow[win].mean()) < 5e-3 and abs(h[win].std() - follow[win].std()) < 5e-3
+    assert (h[r.coverage] == 0).mean() <= (follow == 0).mean() + 1e-3  # nothing crushed to black
+    before, after = np.abs(r.registered - follow).mean(), np.abs(h - follow).mean()
+    assert after < 0.3 * before, (before, after)
+    # both switches off: the registered prior as it was
+    np.testing.assert_allclose(harmonise(r, follow, match_exposure=False, fill_out_of_view=False), r.registered)
+    with pytest.raises(ValueError, match="differ in shape"):
+        harmonise(r, follow[:100])

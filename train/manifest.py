@@ -12,8 +12,8 @@ A prepared-data folder OUT holds:
   the empty prompt, as in the trainer's text dropout). ``same_view`` records whether
   the two views match (AP vs PA pairs are kept; filter on it if you want).
 * ``prepare.json`` - settings, counts, registration score distribution and the
-  sha256 of both CSVs (``manifest_hash(OUT)`` combines them: the model card's
-  "data manifest hash").
+  sha256 of both CSVs (``manifest_hash(OUT)`` combines them with the registered priors'
+  pixels: the model card's "data manifest hash").
 
 Paths in the CSVs are absolute, or relative to the CSV's folder (registered priors);
 ``read_manifest`` returns them absolute.
@@ -117,12 +117,17 @@ def _sha256_file(path: Path) -> str:
 
 def manifest_hash(path: str | os.PathLike) -> str:
     """sha256 of a manifest file; for a prepared-data folder, one hash over its stage1.csv and
-    stage2.csv hashes (the "data manifest hash" for model cards)."""
+    stage2.csv hashes and the pixels of its registered priors (registered/*.png: the same CSVs
+    with other registration or harmonisation settings are other data) - the "data manifest
+    hash" for model cards and the stage-2 cache key."""
     path = Path(path)
     if path.is_dir():
         missing = [n for n in MANIFEST_FILES if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} lacks {missing}: run train/prepare_data.py --out {path}")
         text = "".join(f"{n}:{_sha256_file(path / n)}\n" for n in MANIFEST_FILES)
+        if (path / "registered").is_dir():
+            text += "".join(f"registered/{f.name}:{_sha256_file(f)}\n"
+                            for f in sorted((path / "registered").glob("*.png")))
         return hashlib.sha256(text.encode()).hexdigest()
     return _sha256_file(path)

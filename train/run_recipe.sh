@@ -9,7 +9,10 @@ CONFIG=${1:-demo-cpu}
 DATA=${BIOMEDJOURNEY_DATA:-../shared/data/cxr}
 PREP=work/data/cxr-prep
 RUN=work/runs/$CONFIG
-python train/prepare_data.py --source cxr --data "$DATA" --out "$PREP"
+# The shipped model was trained before registered priors were harmonised with their follow-ups
+# (histogram match, out-of-view wedges filled: the prepare_data.py defaults now); these two flags
+# reproduce its data exactly. Drop them for a new model (model card, "Harmonised training pairs").
+python train/prepare_data.py --source cxr --data "$DATA" --out "$PREP" --no-match-exposure --no-fill-out-of-view
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN" --resume latest
 # decoder-only fine-tune (encoder frozen, so latents and everything trained on them stay valid)
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/vae-ft" --init "$RUN/vae" \

@@ -226,7 +226,8 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
     if not rows:
         raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
-    tag = hashlib.sha256(f"{manifest_hash(data / ('stage1.csv' if stage == 1 else 'stage2.csv'))}:{register}:"
+    # stage 2 keys on the whole folder: the registered priors' pixels are part of its data
+    tag = hashlib.sha256(f"{manifest_hash(data / 'stage1.csv' if stage == 1 else data)}:{register}:"
                          f"{(Path(vae_path) / 'diffusion_pytorch_model.safetensors').stat().st_mtime_ns}:"
                          f"{json.dumps(text_spec)}".encode()).hexdigest()[:12]
     cache_path = (cache_dir or out) / f"cache-stage{stage}-{tag}.safetensors"  # runs on the same data share it

@@ -3,7 +3,8 @@ and does it change the chest (not the corners) when told something did?
 
     python -m biomedjourney.evaluate.fidelity --model assets/biomedjourney-cxr --out assets/ --limit 40
 
-Writes fidelity.json and validation_grid.png (prior | 3 samples | real follow-up, 8 pairs).
+Writes fidelity.json, validation_grid.png (prior | 3 samples | real follow-up, 8 pairs) and
+change_location.png (mean |change| of generated and real follow-ups, with the lung-and-heart mask).
 """
 from __future__ import annotations
 
@@ -66,9 +67,32 @@ def lung_mask_figure(image: np.ndarray, path: Path) -> Path:
     return path
 
 
+def change_location_figure(maps: dict[str, list[np.ndarray]], path: Path) -> Path:
+    """Mean |change| over pairs, one panel per kind (generated, real follow-up), with the mask and its share."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = [k for k, v in maps.items() if v]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.0 * len(kinds), 3.35), squeeze=False)
+    for ax, k in zip(axes[0], kinds):
+        m = np.mean(np.abs(np.stack(maps[k])), axis=0)  # (H, W)
+        share = np.mean([inside_fraction(d) for d in maps[k]])
+        ax.imshow(m, cmap="magma", vmin=0, vmax=float(np.percentile(m, 99.5)))
+        ax.contour(lung_mask(m.shape), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"{k}\nmean |change| {m.mean():.3f}, {share:.0%} inside", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"Where the change is ({len(maps[kinds[0]])} validation pairs with a change description)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def pair_measures(pipe: BiomedJourneyPipeline, prior: np.ndarray, follow: np.ndarray, text: str, seed: int = 0,
-                  **sampler) -> dict[str, float]:
-    """One validation pair: generate with the no-change text and (if it is one) the pair's change text, same seed."""
+                  maps: dict[str, list] | None = None, **sampler) -> dict[str, float]:
+    """One validation pair: generate with the no-change text and (if it is one) the pair's change text, same seed.
+    ``maps``: where to append the change-text pair's signed changes ("generated", "real follow-up")."""
     g0 = pipe(prior, NO_CHANGE, num_images=1, seed=seed, **sampler).images[0]
     m = {"no_change_ssim_generated_vs_prior": image_ssim(g0, prior),
          "real_followup_ssim_vs_prior": image_ssim(follow, prior),
@@ -82,6 +106,9 @@ def pair_measures(pipe: BiomedJourneyPipeline, prior: np.ndarray, follow: np.nda
                   "text_effect_mean_abs": float(np.abs(g1 - g0).mean()),
                   "text_effect_inside_lung_mask_fraction": inside_fraction(g1 - g0),
                   "change_ssim_to_real_followup": image_ssim(g1, follow)})
+        if maps is not None:
+            maps.setdefault("generated", []).append(g1 - prior)
+            maps.setdefault("real follow-up", []).append(follow - prior)
     return m
 
 
@@ -91,19 +118,23 @@ def _aggregate(measures: list[dict]) -> dict:
 
 
 def fidelity(pipe: BiomedJourneyPipeline, data=None, split: str = "val", limit: int = 40, seed: int = 0,
-             grid_path: Path | None = None, grid_pairs: int = 8) -> dict:
-    """Every generation uses the pipeline's default sampler settings (pipe.defaults)."""
+             grid_path: Path | None = None, grid_pairs: int = 8, location_path: Path | None = None) -> dict:
+    """Every generation uses the pipeline's default sampler settings (pipe.defaults).
+    ``location_path``: also draw where the change falls (change_location_figure)."""
     res = pipe.resolution
     load = lambda row: load_row(row, res)  # noqa: E731
     pairs = select_pairs(data, split, limit=limit)
     change_pairs = [p for p in pairs if p.progression_text.strip() != NO_CHANGE]
     t0 = time.time()
-    measures = [pair_measures(pipe, load(p.prior), load(p.followup), p.progression_text, seed)
+    maps: dict[str, list] = {}
+    measures = [pair_measures(pipe, load(p.prior), load(p.followup), p.progression_text, seed, maps)
                 for p in tqdm(pairs, desc="fidelity")]
     out = {"split": split, "pairs": len(pairs), "change_pairs": len(change_pairs), "seed": seed,
            "settings": to_dict(pipe.defaults), **_aggregate(measures),
            "lung_mask": LUNG_HEART, "lung_mask_area_fraction": float(lung_mask((res, res)).mean()),
            "seconds": round(time.time() - t0, 1)}
+    if location_path is not None and maps:
+        change_location_figure(maps, location_path)
     if grid_path is not None:
         validation_grid(pipe, change_pairs[:grid_pairs] or pairs[:grid_pairs], load, seed, grid_path)
     return out
@@ -183,7 +214,8 @@ def main(argv=None):
                     a.negative_prompts)
         (a.out / "tuning.json").write_text(json.dumps(rows, indent=2) + "\n")
         return
-    r = fidelity(pipe, data_root(a.data), a.split, a.limit, a.seed, grid_path=a.out / "validation_grid.png")
+    r = fidelity(pipe, data_root(a.data), a.split, a.limit, a.seed, grid_path=a.out / "validation_grid.png",
+                 location_path=a.out / "change_location.png")
     import pydicom.data
     example = to_model_input(read_image(pydicom.data.get_testdata_file("RG1_UNCI.dcm")).pixels, pipe.resolution)
     lung_mask_figure(example, a.out / "lung_mask.png")
