@@ -49,11 +49,13 @@ touching one; counts go to prepare.json.
 for kept pairs; pairs scoring below --reg-threshold get kept=False. The written prior is
 harmonised with its follow-up (``biomedjourney.register.harmonise``): --match-exposure (default
 on) maps its grey levels onto the follow-up's histogram (central window), --fill-out-of-view (default
-on) fills the wedges the moved prior does not cover with the follow-up's pixels. Measured on
-441 train-split pairs, share of |follow-up - prior| inside the lung-and-heart mask (32% of the
-area; biomedjourney/evaluate/fidelity.py): registered only 0.18 (the black wedges dominate),
-+ fill 0.34, + fill + exposure 0.32 (a gain change shows most in the dark lungs, and it is not
-disease). The rest is devices, cables and positioning: real change is not mostly in the lungs.
+on) fills the wedges the moved prior does not cover with the follow-up's pixels. prepare.json
+(registration.train_target_change) reports what the kept train pairs teach. On the shared dataset's
+1,321 train pairs, share of |follow-up - prior| inside the lung-and-heart mask (32% of the area;
+biomedjourney/evaluate/fidelity.py): registered only 0.18, mean |diff| 0.155 (the black wedges
+dominate); harmonised 0.32, 0.057 (on a 441-pair sample the fill alone gave 0.34: a gain change
+shows most in the dark lungs, and it is not disease). The rest is devices, cables and
+positioning: real change is not mostly in the lungs.
 --limit N: quick runs: per source at most N patients (those with pairs first, in a
 fixed hash order) and at most N pairs.
 
@@ -332,20 +334,27 @@ def _fit_short_side(a: np.ndarray, max_short: int) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def _register_job(job: tuple) -> tuple[float, float, str]:
-    """Worker: register one pair, write the registered prior when it passes the threshold."""
+def _register_job(job: tuple) -> tuple[float, float, str, tuple[float, float] | None]:
+    """Worker: register one pair, write the registered prior when it passes the threshold, and measure
+    what the written pair teaches: (mean |follow-up - prior|, share of it inside the lung-and-heart mask)."""
+    from biomedjourney.evaluate.fidelity import inside_fraction  # lazy: pulls in the pipeline stack
+
     prior_path, followup_path, out_png, threshold, max_short, match_exposure, fill = job
     prior = _fit_short_side(read_image(prior_path).pixels, max_short)
     followup = _fit_short_side(read_image(followup_path).pixels, max_short)
     r = register(prior, followup)
+    change = None
     if round(r.score, 4) >= threshold:  # the rule prepare() applies to the rounded reg_score
-        save_png(harmonise(r, followup, match_exposure, fill), out_png, synthetic=False)
-    return r.score, r.score_before, r.reason
+        written = harmonise(r, followup, match_exposure, fill)
+        save_png(written, out_png, synthetic=False)
+        d = followup - written
+        change = (float(np.abs(d).mean()), inside_fraction(d))
+    return r.score, r.score_before, r.reason, change
 
 
 def register_pairs(pairs: list[PairRow], out: Path, threshold: float, workers: int,
-                   max_short: int, match_exposure: bool = True, fill: bool = True) -> list[tuple[float, float, str, str]]:
-    """(score, score_before, reason, registered path relative to OUT) per pair, in order."""
+                   max_short: int, match_exposure: bool = True, fill: bool = True) -> list[tuple]:
+    """(score, score_before, reason, registered path relative to OUT, change measures or None) per pair, in order."""
     names = [re.sub(r"[^A-Za-z0-9._-]", "_", p.pair_id) for p in pairs]
     if len(set(names)) != len(names):  # sanitising made two ids equal: disambiguate by hash
         names = [f"{n}_{_hash(p.pair_id)[:8]}" for n, p in zip(names, pairs)]
@@ -358,7 +367,7 @@ def register_pairs(pairs: list[PairRow], out: Path, threshold: float, workers: i
     else:
         with mp.get_context().Pool(workers) as pool:
             res = list(tqdm(pool.imap(_register_job, jobs, chunksize=4), **bar))
-    return [(s, b, why, r) for (s, b, why), r in zip(res, rel)]
+    return [(s, b, why, r, change) for (s, b, why, change), r in zip(res, rel)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,22 +385,15 @@ def _by(rows: list[dict], key: str, pred=lambda r: True) -> dict:
     return dict(sorted(Counter(r[key] for r in rows if pred(r)).items()))
 
 
-def target_change(s2: list[dict], out: Path, split: str = "train") -> dict:
+def target_change(s2: list[dict], changes: list[tuple[float, float] | None], split: str = "train") -> dict:
     """What the kept training pairs teach the model to change, per source and overall: the mean
     |follow-up - prior| (prior as written: registered and harmonised) and the share of it inside the
-    lung-and-heart mask of the model-card validation (32% of the area: chance level)."""
-    from biomedjourney.evaluate.fidelity import inside_fraction
-
+    lung-and-heart mask of the model-card validation (32% of the area: chance level). ``changes``: the
+    registration workers' measures, one per row of ``s2`` (None where no prior was written)."""
     per = defaultdict(list)
-    for r in s2:
-        if not (r["kept"] and r["split"] == split):
-            continue
-        prior = read_image(r["prior"] if Path(r["prior"]).is_absolute() else out / r["prior"]).pixels
-        follow = read_image(r["followup"]).pixels
-        if prior.shape != follow.shape:  # unregistered pairs of different sizes: not comparable pixel by pixel
-            continue
-        d = follow - prior
-        per[r["source"]].append((float(np.abs(d).mean()), inside_fraction(d)))
+    for r, c in zip(s2, changes):
+        if r["kept"] and r["split"] == split and c is not None:
+            per[r["source"]].append(c)
     per["all"] = [m for v in list(per.values()) for m in v]
     return {k: {"n": len(v), "mean_abs_change": round(float(np.mean([a for a, _ in v])), 4),
                 "inside_lung_mask_fraction": round(float(np.mean([f for _, f in v])), 4)} for k, v in per.items() if v}
@@ -450,13 +452,13 @@ def prepare(args: argparse.Namespace) -> dict:
         results = register_pairs(pairs, out, args.reg_threshold, args.workers, args.reg_max_size,
                                  args.match_exposure, args.fill_out_of_view)
     else:
-        results = [(None, None, "", "")] * len(pairs)
+        results = [(None, None, "", "", None)] * len(pairs)
 
     s1 = [{"image_id": im.image_id, "image": str(im.path), "patient_id": im.patient_id,
            "split": splits[im.patient_id], "text": caption_for(im), "labels": "|".join(im.labels), "sex": im.sex,
            "age": im.age, "view": im.view, "license": im.license, "source": im.source} for im in images]
     s2 = []
-    for p, (text, origin), (score, before, _, rel) in zip(pairs, texts, results):
+    for p, (text, origin), (score, before, _, rel, _) in zip(pairs, texts, results):
         score = None if score is None else round(score, 4)
         kept = score is None or score >= args.reg_threshold
         lics = dict.fromkeys([p.prior.license, p.followup.license])
@@ -474,7 +476,7 @@ def prepare(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{len(leaked)} patients are in more than one split; this is a bug in the split code")
     if args.register:
         scores = [r["reg_score"] for r in s2]
-        reasons = [why for _, _, why, _ in results]
+        reasons = [why for _, _, why, _, _ in results]
         reg.update({"threshold": args.reg_threshold, "max_size": args.reg_max_size,
                     "kept": sum(r["kept"] for r in s2), "dropped": sum(not r["kept"] for r in s2),
                     "score_minus_inf": sum(s == -math.inf for s in scores),
@@ -483,7 +485,7 @@ def prepare(args: argparse.Namespace) -> dict:
                     "similarity_rejected_as_degenerate": sum("similarity rejected" in w for w in reasons),
                     "optimiser_failed": sum("optimiser failed" in w for w in reasons),
                     "match_exposure": bool(args.match_exposure), "fill_out_of_view": bool(args.fill_out_of_view),
-                    "train_target_change": target_change(s2, out),
+                    "train_target_change": target_change(s2, [c for *_, c in results]),
                     "score": _dist(scores), "score_before": _dist([r["reg_score_before"] for r in s2]),
                     "score_by_source": {src: _dist([r["reg_score"] for r in s2 if r["source"] == src])
                                         for src in sorted({r["source"] for r in s2})}})

@@ -11,7 +11,7 @@ PREP=work/data/cxr-prep
 RUN=work/runs/$CONFIG
 # The shipped model was trained before registered priors were harmonised with their follow-ups
 # (histogram match, out-of-view wedges filled: the prepare_data.py defaults now); these two flags
-# reproduce its data exactly. Drop them for a new model (model card, "Harmonised training pairs").
+# reproduce its data exactly. Drop them for a new model (model card, "Why the change is not in the lungs").
 python train/prepare_data.py --source cxr --data "$DATA" --out "$PREP" --no-match-exposure --no-fill-out-of-view
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN" --resume latest
 # decoder-only fine-tune (encoder frozen, so latents and everything trained on them stay valid)
