@@ -28,7 +28,8 @@ from biomedjourney.config import ModelConfig, SamplerConfig
 from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
                                    read_image, save_png, to_model_input)
 from biomedjourney.model import SCHEDULERS
-from biomedjourney.pipeline import CONFIG_FILE, MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, default_model_path
+from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, default_model_path, denoising_steps,
+                                    progress_callback, read_defaults)
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
 
 ROOT = Path(__file__).resolve().parent
@@ -78,8 +79,7 @@ def get_pipe() -> BiomedJourneyPipeline:
 def initial_defaults() -> SamplerConfig:
     """The model's sampler defaults read from its config file (no weights loaded), else the package's."""
     try:
-        meta = json.loads((Path(model_source()) / CONFIG_FILE).read_text())
-        return SamplerConfig.from_dict(meta.get("sampler", {}))
+        return read_defaults(model_source())
     except (OSError, ValueError):
         return SamplerConfig()
 
@@ -140,8 +140,8 @@ def _seed(seed, randomise: bool) -> int:
     return int(seed)
 
 
-def _progress(progress, label: str):
-    return lambda i, total: progress((i, total), desc=label, unit="steps")
+def _progress(progress, label: str, total: int):
+    return progress_callback(lambda i: progress((i, total), desc=label, unit="steps"))
 
 
 def _info_markdown(img: LoadedImage, resolution: int, aspect: str) -> str:
@@ -204,7 +204,9 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     pipe = get_pipe()
     t0 = time.perf_counter()
     try:
-        out = pipe(loaded, description, seed=seed, callback=_progress(progress, "Generating follow-ups"), **sampler)
+        total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or pipe.defaults.strength)
+        out = pipe(loaded, description, seed=seed, callback_on_step_end=_progress(progress, "Generating follow-ups", total),
+                   **sampler)
     except ValueError as e:
         raise _error(str(e), title="Invalid settings") from None
     seconds = time.perf_counter() - t0
@@ -276,7 +278,8 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     pipe = get_pipe()
     try:
         outs = journey.generate_journey(pipe, loaded, [d for _, d in plan], seed=seed,
-                                        callback=_progress(progress, "Generating the journey"), **sampler)
+                                        callback=lambda i, total: progress((i, total), desc="Generating the journey",
+                                                                           unit="steps"), **sampler)
     except ValueError as e:
         raise _error(str(e), title="Invalid settings") from None
 

@@ -46,12 +46,11 @@ class ModelConfig:
     beta_end: float = 0.012
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, where: str = "model") -> "ModelConfig":
         d = dict(d)
-        vae = VAEConfig(**_tuples(d.pop("vae", {})))
-        unet = UNetConfig(**_tuples(d.pop("unet", {})))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(vae=vae, unet=unet, **{k: v for k, v in d.items() if k in known})
+        vae = build(VAEConfig, _tuples(d.pop("vae", {})), f"{where}.vae")
+        unet = build(UNetConfig, _tuples(d.pop("unet", {})), f"{where}.unet")
+        return build(cls, {**d, "vae": vae, "unet": unet}, where)
 
 
 NO_CHANGE = "No significant interval change."  # the description of a follow-up that did not change
@@ -71,11 +70,17 @@ class SamplerConfig:
     change_transfer: bool = False               # True: prior + (sample(text) - sample(NO_CHANGE)), same noise: only
                                                 #   the change is generated; the prior's detail is kept exactly
     seed: int = 0
+    # --- used by the service (biomedjourney.service), not by the pipeline itself
+    region: str = "auto"                        # 'auto': only the described finding's region may change (edit mask
+                                                #   from findings x the prior's lungs; both lungs for a finding with no
+                                                #   place); 'off': the whole film
+    render: bool = False                        # draw the findings the weights cannot draw from radiological knowledge
+                                                #   first, then let the model harmonise them (SDEdit)
+    render_strength: float = 0.4                # the strength used to harmonise such a drawing: low keeps its shape
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, where: str = "sampler") -> "SamplerConfig":
+        return build(cls, d, where)
 
     def with_overrides(self, items: list[str]) -> "SamplerConfig":
         """A copy with KEY=VALUE strings applied (command lines: --sampler strength=0.6)."""
@@ -92,6 +97,16 @@ class SamplerConfig:
                 value = value.lower() in ("true", "1")
             setattr(out, key, type(old)(value))
         return out
+
+
+def build(cls, d: dict, where: str = ""):
+    """The one strict config loader: a dataclass from a dict; an unknown key is an error naming it and where."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} key(s) {unknown}{f' in {where}' if where else ''}; "
+                         f"valid: {sorted(known)}")
+    return cls(**d)
 
 
 def _tuples(d: dict) -> dict:

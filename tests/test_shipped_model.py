@@ -30,10 +30,33 @@ def test_default_model_generates_at_256_px_reproducibly(rg1_path, monkeypatch):
     b = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=3)
     assert a.images[0].shape == (256, 256)
     np.testing.assert_array_equal(a.images[0], b.images[0])
-    # it keeps the patient: closer to its own prior than to a flipped one
-    err_own = np.abs(a.images[0] - a.prior).mean()
-    err_other = np.abs(a.images[0] - a.prior[:, ::-1]).mean()
-    assert err_own < err_other
+    # the model's own drawing keeps the patient: closer to its own prior than to a flipped one
+    # (not under change transfer, which starts from the prior by construction)
+    own = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=3, change_transfer=False).images[0]
+    assert np.abs(own - a.prior).mean() < 0.75 * np.abs(own - a.prior[:, ::-1]).mean()  # measured 0.039 vs 0.063
+
+
+# the images the shipped model gave for these calls before the pipeline became a diffusers DiffusionPipeline
+# (tests/fixtures: 8x8-pixel means of two 256 px images per case, seed 3; text-only: seed 1)
+BEFORE_REFACTOR = {
+    "default": dict(),
+    "plain": dict(change_transfer=False),
+    "plain_strength1_ddim": dict(change_transfer=False, strength=1.0, scheduler="ddim", guidance_scale=3.0,
+                                 image_guidance_scale=1.2),
+    "euler_a": dict(change_transfer=False, scheduler="euler_a", strength=0.8),
+}
+
+
+@pytest.mark.parametrize("case", [*BEFORE_REFACTOR, "text_only"])
+def test_same_seed_same_images_as_before_the_diffusers_refactor(rg1_path, case):
+    expected = np.load(Path(__file__).parent / "fixtures" / "shipped_images_pre_diffusers_refactor.npz")[case]
+    pipe = BiomedJourneyPipeline.from_pretrained(ASSETS / "biomedjourney-cxr", device="cpu")
+    if case == "text_only":
+        out = pipe(None, "PA chest radiograph, 58-year-old male. Findings: Effusion.", num_images=2, seed=1)
+    else:
+        out = pipe(rg1_path, "New right pleural effusion.", num_images=2, seed=3, **BEFORE_REFACTOR[case])
+    got = np.stack(out.images).reshape(2, 32, 8, 32, 8).mean((2, 4))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_finding(rg1_path):

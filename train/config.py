@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from biomedjourney.config import ModelConfig, SamplerConfig
+from biomedjourney.config import ModelConfig, SamplerConfig, build
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -72,12 +72,6 @@ class RunConfig:
     stage2: DiffusionTrain = field(default_factory=DiffusionTrain)
 
 
-def _build(cls, d: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"Unknown {cls.__name__} keys: {sorted(unknown)}; valid: {sorted(known)}")
-    return cls(**d)
 
 
 def load_config(name_or_path: str) -> RunConfig:
@@ -89,13 +83,14 @@ def load_config(name_or_path: str) -> RunConfig:
         presets = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"No config {name_or_path!r}; presets: {presets} or a YAML path")
     d = yaml.safe_load(p.read_text()) or {}
+    build(RunConfig, {k: None for k in d}, str(p))  # unknown top-level keys
     return RunConfig(
         name=d.get("name", p.stem), seed=d.get("seed", 0),
-        model=ModelConfig.from_dict(d.get("model", {})),
-        sampler=SamplerConfig.from_dict(d.get("sampler", {})),
-        autoencoder=_build(AutoencoderTrain, d.get("autoencoder", {})),
-        stage1=_build(DiffusionTrain, d.get("stage1", {})),
-        stage2=_build(DiffusionTrain, d.get("stage2", {})),
+        model=ModelConfig.from_dict(d.get("model", {}), f"{p}: model"),
+        sampler=SamplerConfig.from_dict(d.get("sampler", {}), f"{p}: sampler"),
+        autoencoder=build(AutoencoderTrain, d.get("autoencoder", {}), f"{p}: autoencoder"),
+        stage1=build(DiffusionTrain, d.get("stage1", {}), f"{p}: stage1"),
+        stage2=build(DiffusionTrain, d.get("stage2", {}), f"{p}: stage2"),
     )
 
 

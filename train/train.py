@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from biomedjourney.config import NO_CHANGE, write_json
 from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
-from biomedjourney.pipeline import BiomedJourneyPipeline
-from biomedjourney.text_encoders import build_text_encoder
+from biomedjourney.pipeline import BiomedJourneyPipeline, assemble
+from biomedjourney.text_encoders import TextEncoder, build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import DiffusionTrain, RunConfig, config_dict, load_config
 from train.data import batch_indices, stack_images, step_generator, to_float
@@ -157,11 +157,11 @@ def identity_rows(zi: torch.Tensor, pi: torch.Tensor, ti: torch.Tensor, drop_ima
 # ---------------------------------------------------------------- validation and export
 def make_pipeline(unet, vae, cfg: RunConfig, text_spec, info: dict, load_text: bool = True) -> BiomedJourneyPipeline:
     te = build_text_encoder(text_spec) if load_text else _SpecOnly(text_spec)
-    return BiomedJourneyPipeline(unet, vae, te, cfg.model, cfg.sampler, training_scheduler_config(cfg.model), info)
+    return assemble(unet, vae, te, cfg.model, cfg.sampler, info)
 
 
-class _SpecOnly(torch.nn.Module):
-    """Stands in for the text encoder during validation (embeddings come from the cache)."""
+class _SpecOnly(TextEncoder):
+    """Stands in for the text encoder during validation (embeddings come from the cache); exports its spec."""
 
     def __init__(self, spec):
         super().__init__()
@@ -169,11 +169,6 @@ class _SpecOnly(torch.nn.Module):
 
     def spec(self):
         return self._spec
-
-    def save_pretrained(self, folder):
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self._spec, indent=2) + "\n")
 
 
 @torch.no_grad()
