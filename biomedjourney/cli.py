@@ -4,6 +4,8 @@ Examples
   python -m biomedjourney generate --prior chest.dcm --text "New right pleural effusion." --num-images 4 --seed 0 --out results/
   python -m biomedjourney generate --prior prior.png --text "No significant interval change." --dicom --out results/
   python -m biomedjourney describe --prior-report "Clear lungs." --followup-report "Small left effusion."
+  python -m biomedjourney findings --text "New small right basal pleural effusion."
+  python -m biomedjourney anatomy --prior chest.dcm --out anatomy/
 
 Research and education only - not for diagnosis. Every generated file is marked synthetic.
 """
@@ -23,7 +25,7 @@ SCHEDULER_NAMES = ("dpmsolver++", "ddim", "euler_a")
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m biomedjourney", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,describe}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,describe,anatomy,findings}")
 
     g = sub.add_parser("generate", help="generate follow-up images from a prior X-ray and a description",
                        description="Generate follow-up chest X-rays from a prior image (PNG, JPEG or DICOM) and a "
@@ -49,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--heatmaps", action="store_true",
                    help="also write difference heatmaps per sample, the mean change and the uncertainty map")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--region", choices=["auto", "off"], default=None,
+                   help="auto: only the described finding's region may change (from the findings and the prior's "
+                        "lungs; both lungs for a finding with no place); off: the whole film (default: the model's)")
+    g.add_argument("--mask", type=Path, default=None,
+                   help="your own edit mask: a PNG in the prior's 256x256 model-input frame, white = may change")
+    g.add_argument("--render", choices=["on", "off"], default=None,
+                   help="on: draw the finding from radiological knowledge first, then let the model harmonise it "
+                        "(clearly labelled in the sidecar); off: the model alone (default: the model's)")
 
     d = sub.add_parser("describe", help="write a progression description from two reports",
                        description="Turn a prior report and a follow-up report (or an intended change) into a short "
@@ -59,39 +69,65 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--followup-report")
     src.add_argument("--intended-change")
     d.add_argument("--backend", choices=["auto", "openai", "rules"], default="auto")
+
+    an = sub.add_parser("anatomy", help="find the lungs and heart of a prior X-ray",
+                        description="Segment the patient's right and left lungs (shipped network; the average "
+                                    "anatomy when it fails) and estimate the heart, in the prior's 256x256 "
+                                    "model-input frame. Writes right_lung.png, left_lung.png, heart.png (0/255) "
+                                    "and overlay.png (contours, R/L on the patient's sides).")
+    an.add_argument("--prior", required=True, help="prior chest X-ray: PNG, JPEG or DICOM file")
+    an.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    from .findings.cli import add_parser as _add_findings_parser
+    _add_findings_parser(sub)
     return ap
 
 
+def _read_mask(path: Path, size: int):
+    import numpy as np
+
+    from .imaging import read_image, to_model_input
+    return to_model_input(read_image(path).pixels, size=size).astype(np.float32)
+
+
 def _generate(a) -> int:
-    from .export import save_outputs
-    from .imaging import ImageLoadError, cxr_warnings, read_image
+    from .imaging import ImageLoadError
     from .pipeline import BiomedJourneyPipeline
+    from .service import export_followups, generate_followups, load_prior
     try:
-        loaded = read_image(a.prior)
+        loaded, warnings = load_prior(a.prior)
     except ImageLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for w in cxr_warnings(loaded):
+    for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     try:
         pipe = BiomedJourneyPipeline.from_pretrained(a.model, device=a.device)
-    except (FileNotFoundError, OSError) as e:
+        painted = None if a.mask is None else _read_mask(a.mask, pipe.resolution)
+    except (FileNotFoundError, OSError, ImageLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t0 = time.time()
-    try:
-        out = pipe(loaded, a.text, num_images=a.num_images, num_inference_steps=a.steps,
-                   guidance_scale=a.guidance_scale, image_guidance_scale=a.image_guidance_scale,
-                   seed=a.seed, scheduler=a.scheduler, strength=a.strength, negative_prompt=a.negative_prompt,
+    sampler = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                   image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength,
+                   negative_prompt=a.negative_prompt,
                    change_transfer=None if a.change_transfer is None else a.change_transfer == "on")
+    try:
+        r = generate_followups(pipe, loaded, a.text, seed=a.seed, num_images=a.num_images, sampler=sampler,
+                               region=a.region, painted_mask=painted,
+                               render=None if a.render is None else a.render == "on")
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out.settings["seconds"] = round(time.time() - t0, 2)
-    paths = save_outputs(out, a.out, prompt=a.text, dicom=a.dicom, source=loaded, heatmaps=a.heatmaps)
+    r.settings["seconds"] = round(r.seconds, 2)
+    for note in r.plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    ex = export_followups(r, a.out, source=loaded if not hasattr(loaded, "shape") else None, dicom=a.dicom,
+                          heatmaps=a.heatmaps)
     print(NOTICE)
-    print(f"{len(out.images)} follow-ups in {out.settings['seconds']} s (seeds {out.seeds}) -> {a.out}")
-    for p in paths:
+    print(f"findings: {'; '.join(r.plan.chips()) or 'none recognised'} · edit region: {r.plan.mask_source}")
+    for line in r.plan.rendered:
+        print(f"knowledge-driven rendering: {line}")
+    print(f"{len(r.images)} follow-ups in {r.settings['seconds']} s (seeds {r.seeds}) -> {a.out}")
+    for p in ex.files:
         print(f"  {p}")
     return 0
 
@@ -108,9 +144,33 @@ def _describe(a) -> int:
     return 0
 
 
+def _anatomy(a) -> int:
+    from PIL import Image
+
+    from .anatomy import binary_masks, overlay, segment
+    from .imaging import ImageLoadError, read_image, to_model_input
+    try:
+        loaded = read_image(a.prior)
+    except ImageLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    anat = segment(loaded)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for name, m in binary_masks(anat).items():
+        Image.fromarray(m).save(a.out / f"{name}.png")
+    overlay(to_model_input(loaded.pixels, size=256), anat).save(a.out / "overlay.png")
+    for w in anat.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"anatomy source: {anat.source} -> {a.out} (right_lung.png, left_lung.png, heart.png, overlay.png)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    return {"generate": _generate, "describe": _describe}[a.command](a)
+    if a.command == "findings":
+        from .findings.cli import run as _findings
+        return _findings(a)
+    return {"generate": _generate, "describe": _describe, "anatomy": _anatomy}[a.command](a)
 
 
 if __name__ == "__main__":

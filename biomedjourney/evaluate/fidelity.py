@@ -9,7 +9,6 @@ change_location.png (mean |change| of generated and real follow-ups, with the lu
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import time
@@ -21,33 +20,11 @@ from tqdm.auto import tqdm
 from ..config import NO_CHANGE, to_dict
 from ..dataset import data_root
 from ..imaging import read_image, to_model_input
+# the lung-and-heart evaluation mask: one home, biomedjourney.masks (re-exported for fidelity's importers)
+from ..masks import LUNG_HEART, inside_fraction, lung_mask  # noqa: F401
 from ..metrics import image_ssim
 from ..pipeline import BiomedJourneyPipeline
 from .run import load_row, select_pairs
-
-# Lung fields and heart of a centred frontal CXR: three ellipses (cx, cy, rx, ry) as fractions of width/height,
-# drawn on the mean of the 1,337 training-split images (the dark lung fields and the cardiac shadow below
-# and between them; assets/lung_mask.png). They cover 32% of the image: the chance level of "change inside".
-LUNG_HEART = ((0.29, 0.43, 0.16, 0.27), (0.71, 0.43, 0.16, 0.27), (0.53, 0.64, 0.17, 0.13))
-
-
-@functools.lru_cache(maxsize=8)
-def lung_mask(shape: tuple[int, int], ellipses=LUNG_HEART) -> np.ndarray:
-    """Boolean (H, W) mask of the lung fields and the heart (built once per shape; read-only)."""
-    h, w = shape
-    y, x = np.mgrid[0:h, 0:w]
-    x, y = (x + 0.5) / w, (y + 0.5) / h
-    m = np.zeros(shape, bool)
-    for cx, cy, rx, ry in ellipses:
-        m |= ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
-    m.setflags(write=False)
-    return m
-
-
-def inside_fraction(diff: np.ndarray, ellipses=LUNG_HEART) -> float:
-    """Share of the absolute change that falls inside the lung-and-heart mask."""
-    a = np.abs(diff)
-    return float(a[lung_mask(tuple(a.shape), ellipses)].sum() / max(a.sum(), 1e-12))
 
 
 def lung_mask_figure(image: np.ndarray, path: Path) -> Path:

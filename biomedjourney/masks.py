@@ -1,0 +1,426 @@
+"""Where an edit may happen: the soft edit mask of a list of findings on a prior's anatomy.
+
+Each finding gets its own radiological shape (effusion: the dependent base up to a meniscus;
+edema: bat-wing + bases; pneumothorax: a rim along the chest wall; ...), built from the
+prior's lung and heart masks (`Anatomy`) and feathered with a Gaussian. The edit mask is their
+union. The region-restricted sampler (blended latent diffusion) changes the image only inside
+it; `render.render_findings` draws the finding's density inside the same regions.
+
+Also the one home of the fixed lung-and-heart evaluation mask (`LUNG_HEART`, `lung_mask`,
+`inside_fraction`), and `check_user_mask` for a mask painted by the user.
+
+Every side is the PATIENT's side; `anatomy.image_half` / the lung masks place it on the image
+(patient's right = image left on a frontal film).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .anatomy import ATLAS_ELLIPSES, Anatomy, image_half
+from .findings.schema import Finding
+
+# ------------------------------------------------------------------------- evaluation mask
+# Lung fields and heart of a centred frontal CXR (the atlas ellipses, cx, cy, rx, ry as fractions of
+# width/height, drawn on the mean of the 1,337 training-split images; assets/lung_mask.png). They cover
+# 32% of the image: the chance level of "change inside".
+LUNG_HEART = ATLAS_ELLIPSES
+
+
+@functools.lru_cache(maxsize=8)
+def lung_mask(shape: tuple[int, int], ellipses=LUNG_HEART) -> np.ndarray:
+    """Boolean (H, W) mask of the lung fields and the heart (built once per shape; read-only)."""
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w]
+    x, y = (x + 0.5) / w, (y + 0.5) / h
+    m = np.zeros(shape, bool)
+    for cx, cy, rx, ry in ellipses:
+        m |= ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+    m.setflags(write=False)
+    return m
+
+
+def inside_fraction(diff: np.ndarray, ellipses=LUNG_HEART) -> float:
+    """Share of the absolute change that falls inside the lung-and-heart mask."""
+    a = np.abs(diff)
+    return float(a[lung_mask(tuple(a.shape), ellipses)].sum() / max(a.sum(), 1e-12))
+
+
+# ------------------------------------------------------------------------- painted masks
+EMPTY_MASK_ERROR = ("The painted edit mask is empty: paint the region that should change, "
+                    "or clear the mask to use the automatic one.")
+FULL_MASK_WARNING = ("The painted edit mask covers {share:.0%} of the film: the whole film will be "
+                     "regenerated, not only the region of the finding.")
+FULL_MASK_SHARE = 0.9
+
+
+def check_user_mask(mask: np.ndarray | None) -> list[str]:
+    """Plain messages about a painted (H, W) mask in [0, 1] ([] when fine); an empty one starts with 'The painted'.
+
+    Empty (nothing above 0.5) -> EMPTY_MASK_ERROR (an error: the caller should refuse it);
+    > 90% of the film -> FULL_MASK_WARNING (a warning: the edit is no longer regional)."""
+    if mask is None:
+        return []
+    m = np.asarray(mask, np.float32)
+    if m.ndim != 2:
+        return [f"The painted edit mask must be a single-channel image, got shape {m.shape}."]
+    share = float((m > 0.5).mean())
+    if share == 0.0:
+        return [EMPTY_MASK_ERROR]
+    if share > FULL_MASK_SHARE:
+        return [FULL_MASK_WARNING.format(share=share)]
+    return []
+
+
+# ------------------------------------------------------------------------- lung geometry
+@dataclass(frozen=True)
+class LungFrame:
+    """One lung's extent on the image: rows top..bottom, columns medial..lateral (image columns)."""
+    core: np.ndarray      # (H, W) bool, the lung mask > 0.5
+    top: int
+    bottom: int
+    medial: int           # the column nearest the midline
+    lateral: int          # the column nearest the chest wall
+
+    @property
+    def height(self) -> int:
+        return max(self.bottom - self.top, 1)
+
+    @property
+    def lateral_sign(self) -> int:
+        """+1 when the chest wall is at higher column indices (the image-right lung)."""
+        return 1 if self.lateral > self.medial else -1
+
+    def lateralness(self) -> np.ndarray:
+        """(W,) 0 at the medial edge, 1 at the lateral edge (clipped outside)."""
+        x = np.arange(self.core.shape[1], dtype=np.float32)
+        return np.clip((x - self.medial) / (self.lateral - self.medial + 1e-6), 0, 1)
+
+    def depth(self) -> np.ndarray:
+        """(H,) 0 at the apex, 1 at the lowest row of the lung (< 0 above it, > 1 below)."""
+        y = np.arange(self.core.shape[0], dtype=np.float32)
+        return (y - self.top) / self.height
+
+
+def lung_frame(anatomy: Anatomy, side: str) -> LungFrame | None:
+    """The frame of the patient's 'right' | 'left' lung, None when its mask is empty."""
+    core = np.asarray(anatomy.lung(side)) > 0.5
+    if not core.any():
+        return None
+    rows, cols = np.nonzero(core)
+    mid = core.shape[1] / 2
+    lo, hi = int(cols.min()), int(cols.max())
+    medial, lateral = (hi, lo) if cols.mean() < mid else (lo, hi)
+    return LungFrame(core, int(rows.min()), int(rows.max()), medial, lateral)
+
+
+def sides_of(finding_side: str) -> list[str]:
+    """A finding's side -> the lungs it involves (no side or bilateral: both)."""
+    return [finding_side] if finding_side in ("right", "left") else ["right", "left"]
+
+
+def scale_px(shape: tuple[int, int]) -> float:
+    """Pixels per pixel-at-256: sizes below are written for a 256 px image."""
+    return min(shape) / 256.0
+
+
+# ------------------------------------------------------------------------- zones
+def zone_mask(anatomy: Anatomy, side: str, zone: str) -> np.ndarray:
+    """(H, W) float32 zone of the patient's `side` (both lungs for bilateral / none), `Anatomy.zone`:
+    upper/middle/lower = thirds of that lung's height, base = lowest 25%, apex = top 20%,
+    costophrenic angle = lowest-lateral corner, perihilar = medial-central; 'none' = the whole lung."""
+    return np.asarray(anatomy.zone(side, zone), np.float32)
+
+
+# ------------------------------------------------------------------------- helpers
+SEVERITY_DEFAULT = "moderate"
+
+
+def severity_of(f: Finding) -> str:
+    """mild / moderate / severe ('none' counts as moderate)."""
+    return f.severity if f.severity != "none" else SEVERITY_DEFAULT
+
+
+def _dilate(core: np.ndarray, radius: float) -> np.ndarray:
+    """Binary dilation by a disk of `radius` px (distance transform)."""
+    if radius <= 0:
+        return core.astype(bool)
+    return ndimage.distance_transform_edt(~core.astype(bool)) <= radius
+
+
+def feather_mask(hard: np.ndarray, sigma: float) -> np.ndarray:
+    """Soft border: dilate by ~sigma so the region itself stays ~1, then Gaussian blur (truncated at 3 sigma)."""
+    if sigma <= 0:
+        return hard.astype(np.float32)
+    grown = _dilate(hard > 0.5, sigma)
+    return np.clip(ndimage.gaussian_filter(grown.astype(np.float32), sigma, truncate=3.0), 0, 1)
+
+
+# ------------------------------------------------------------------------- shapes per finding
+# Damoiseau's (Ellis-Damoiseau) line: free pleural fluid in an erect patient fills the costophrenic
+# angle first and climbs the lateral chest wall (meniscus, concave upwards); ~200 ml blunt the
+# lateral angle, a moderate effusion fills the lower third, a large one half the hemithorax
+# (Felson's Principles of Chest Roentgenology, 4th ed., ch. "The pleura"; Fleischner glossary,
+# Hansell et al., Radiology 2008;246:697).
+EFFUSION_MARGIN = 8.0   # px at 256: the pleural space beyond the lung mask (chest wall, hemidiaphragm)
+EFFUSION_BELOW = 0.2    # of the lung's height: how far below the lung mask's lowest row the pleural space may reach
+# (medial height, lateral rise) of the fluid as fractions of the lung's height
+EFFUSION_HEIGHT = {"mild": (0.04, 0.14), "moderate": (0.20, 0.14), "severe": (0.45, 0.15)}
+
+
+def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
+    """(H, W) float32: px below the meniscus (<= 0 above it or outside) in the pleural space of that
+    hemithorax: the lung grown to the chest wall, and its lower part widened to the lung's columns and
+    extended down past the hemidiaphragm (a lung mask often stops short of the diaphragm), in that side's
+    image half. Where the film is already as dense as fluid (heart, liver) the rendering changes nothing."""
+    f = lung_frame(anatomy, side)
+    h, w = anatomy.shape
+    if f is None:
+        return np.full((h, w), -1.0, np.float32)
+    base, rise = EFFUSION_HEIGHT[severity]
+    edge = f.bottom - f.height * (base + rise * f.lateralness() ** 2)   # (W,) meniscus row, higher laterally
+    rows, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w)
+    lo, hi = sorted((f.medial, f.lateral))
+    half = np.zeros(w, bool)
+    half[image_half(side, w)] = True
+    cols = half & (x >= lo - 4 * scale_px((h, w))) & (x <= hi + 4 * scale_px((h, w)))   # (W,)
+    lower = cols[None, :] & (rows >= f.bottom - 0.5 * f.height) & (rows <= f.bottom + EFFUSION_BELOW * f.height)
+    region = (_dilate(f.core, EFFUSION_MARGIN * scale_px((h, w))) | lower) & half[None, :]
+    return np.where(region, rows - edge[None, :], -1.0).astype(np.float32)
+
+
+def _effusion(f: Finding, a: Anatomy) -> np.ndarray:
+    sev = "mild" if f.zone == "costophrenic angle" and f.severity == "none" else severity_of(f)
+    return np.maximum.reduce([effusion_depth(a, s, sev) > 0 for s in sides_of(f.side)])
+
+
+# Cardiogenic edema: bilateral perihilar ("bat-wing") air-space opacity with basal interstitial
+# lines, sparing the periphery (Gluecker et al., RadioGraphics 1999;19:1507; Fleischner glossary).
+def edema_weight(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: perihilar haze fading to the periphery, plus the lung base."""
+    f = lung_frame(anatomy, side)
+    if f is None:
+        return np.zeros(anatomy.shape, np.float32)
+    grow = {"mild": 0.85, "moderate": 1.0, "severe": 1.3}[severity]
+    h, w = anatomy.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    hx = f.medial + 0.1 * (f.lateral - f.medial)                          # the hilum: medial, mid-height
+    hy = f.top + 0.5 * f.height
+    rx, ry = 0.5 * grow * abs(f.lateral - f.medial), 0.24 * grow * f.height
+    hilar = np.exp(-0.5 * (((x - hx) / rx) ** 2 + ((y - hy) / ry) ** 2))
+    basal = np.clip((f.depth()[:, None] - 0.75) / 0.2, 0, 1) * 0.8
+    soft_core = ndimage.gaussian_filter(f.core.astype(np.float32), 5 * scale_px(anatomy.shape)) * f.core
+    return (np.maximum(hilar, basal) * soft_core).astype(np.float32)   # fading at the lung's edge
+
+
+def _edema(f: Finding, a: Anatomy) -> np.ndarray:
+    sev = severity_of(f)
+    return np.maximum.reduce([edema_weight(a, s, sev) > 0.4 for s in sides_of(f.side)])
+
+
+# Air-space opacity / consolidation fills the named lobe or zone (Fleischner glossary: "consolidation");
+# without a zone, the lower two thirds (pneumonia is most often basal; Felson).
+def _airspace(f: Finding, a: Anatomy) -> np.ndarray:
+    if f.zone != "none":
+        return zone_mask(a, f.side, f.zone) > 0.5
+    return np.maximum(zone_mask(a, f.side, "middle"), zone_mask(a, f.side, "lower")) > 0.5
+
+
+# Plate-like (discoid) atelectasis: a horizontal or slightly oblique linear band 1-3 mm to a few cm
+# thick, usually at the bases (Fleischner glossary: "atelectasis, linear"; Felson).
+ATELECTASIS_THICKNESS = {"mild": 4.0, "moderate": 6.0, "severe": 10.0}  # px at 256
+
+
+def atelectasis_band(anatomy: Anatomy, side: str, zone: str, severity: str) -> np.ndarray:
+    """(H, W) float32: signed px distance from the band's centre line (|d| < thickness/2 is the band) or inf."""
+    f = lung_frame(anatomy, side)
+    if f is None:
+        return np.full(anatomy.shape, np.inf, np.float32)
+    rows_in = np.nonzero((zone_mask(anatomy, side, zone) > 0.5).any(1))[0] if zone != "none" else []
+    yc = float(np.mean(rows_in)) if len(rows_in) else f.top + 0.7 * f.height   # no zone: top of the lower zone
+    centre = yc - 0.06 * f.height * (f.lateralness() - 0.5)              # (W,) rising a little laterally
+    rows = np.arange(anatomy.shape[0], dtype=np.float32)[:, None]
+    inside = f.core & ((f.lateralness() > 0.08) & (f.lateralness() < 0.92))[None, :]
+    return np.where(inside, rows - centre[None, :], np.inf).astype(np.float32)
+
+
+def _atelectasis(f: Finding, a: Anatomy) -> np.ndarray:
+    t = ATELECTASIS_THICKNESS[severity_of(f)] * scale_px(a.shape)
+    return np.maximum.reduce([np.abs(atelectasis_band(a, s, f.zone, severity_of(f))) <= t / 2 + 1
+                              for s in sides_of(f.side)])
+
+
+# Cardiomegaly: cardiothoracic ratio > 0.5 on a PA film; the silhouette widens, mostly to the left
+# (left ventricle), displacing the adjacent lung (Felson ch. "The heart"; Danzer 1919 CTR).
+CTR_INCREASE = {"mild": 0.10, "moderate": 0.15, "severe": 0.20}
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def cardiac_displacement(anatomy: Anatomy, severity: str, sign: float = 1.0) -> np.ndarray:
+    """(H, W) float32: how far (px, signed, image columns) the output pixel's content came from, for
+    a heart widened by CTR_INCREASE (sign -1: narrowed, for 'decreased'). Zero far from the heart."""
+    heart = np.asarray(anatomy.heart) > 0.5
+    h, w = anatomy.shape
+    if not heart.any():
+        return np.zeros((h, w), np.float32)
+    rows, cols = np.nonzero(heart)
+    cx, top, bottom = float(cols.mean()), rows.min(), rows.max()
+    total = CTR_INCREASE[severity] * (cols.max() - cols.min()) * sign
+    x = np.arange(w, dtype=np.float32)
+    u = x - cx
+    plx = image_half("left", w)                                           # the patient's left: the LV side gets 65%
+    left_on_high = plx.start > 0
+    dx = np.zeros(w, np.float32)
+    for high, r in ((True, cols.max() - cx), (False, cx - cols.min())):
+        share = 0.65 if high == left_on_high else 0.35
+        ramp_out = 0.6 * r
+        s = u if high else -u
+        phi = _smoothstep((s - 0.35 * r) / (0.65 * r)) * (1 - _smoothstep((s - r) / ramp_out))
+        dx += np.where(s > 0, phi * share * total * (1 if high else -1), 0)
+    y = np.arange(h, dtype=np.float32)
+    hh = max(bottom - top, 1)
+    v = _smoothstep((y - (top - 0.35 * hh)) / (0.35 * hh)) * (1 - _smoothstep((y - bottom) / (0.3 * hh)))
+    return (v[:, None] * dx[None, :]).astype(np.float32)
+
+
+def _cardiomegaly(f: Finding, a: Anatomy) -> np.ndarray:
+    sign = -1.0 if f.change in ("decreased", "resolved") else 1.0
+    d = np.abs(cardiac_displacement(a, severity_of(f), sign))
+    return _dilate(d > 0.2, 3 * scale_px(a.shape)) | (np.asarray(a.heart) > 0.5)
+
+
+# Pneumothorax: in an erect patient air collects apically and laterally; a thin visceral pleural line
+# with no lung markings beyond it (Fleischner glossary: "pneumothorax"; BTS 2010 rim size at the hilum).
+PNEUMOTHORAX_RIM = {"mild": 0.12, "moderate": 0.22, "severe": 0.38}     # of the lung's width, at the apex
+
+
+def pneumothorax_distance(anatomy: Anatomy, side: str) -> tuple[np.ndarray, LungFrame | None]:
+    """((H, W) px from the apical/lateral chest wall inside the lung (inf outside), the lung's frame).
+    The lung outline is smoothed first (sigma 8 px at 256) so the pleural line runs smoothly, not along the ribs."""
+    f = lung_frame(anatomy, side)
+    if f is None:
+        return np.full(anatomy.shape, np.inf, np.float32), None
+    smooth = ndimage.gaussian_filter(f.core.astype(np.float32), 8 * scale_px(anatomy.shape)) > 0.5
+    f = LungFrame(smooth & f.core if (smooth & f.core).any() else f.core, f.top, f.bottom, f.medial, f.lateral)
+    h, w = anatomy.shape
+    y, x = np.mgrid[0:h, 0:w]
+    lateral_of = (x - (f.medial + f.lateral) / 2) * f.lateral_sign > 0
+    above = (y < f.top + 0.35 * f.height) & ((x - (2 * f.medial + f.lateral) / 3) * f.lateral_sign > 0)
+    wall = ~f.core & (lateral_of | above)                                 # chest wall: lateral of / above the lung
+    d = ndimage.distance_transform_edt(~wall).astype(np.float32)
+    return np.where(f.core, d, np.inf).astype(np.float32), f
+
+
+def pneumothorax_width(f: LungFrame, severity: str) -> np.ndarray:
+    """(H, 1) px: the rim's width per row, widest at the apex, tapering to a third at the base."""
+    width = PNEUMOTHORAX_RIM[severity] * abs(f.lateral - f.medial)
+    return (width * (1 - 0.65 * np.clip(f.depth(), 0, 1)))[:, None].astype(np.float32)
+
+
+def _pneumothorax(f: Finding, a: Anatomy) -> np.ndarray:
+    parts = []
+    for s in sides_of(f.side):
+        d, fr = pneumothorax_distance(a, s)
+        if fr is not None:
+            parts.append(d <= pneumothorax_width(fr, severity_of(f)) + 2 * scale_px(a.shape))
+    return np.maximum.reduce(parts) if parts else np.zeros(a.shape, bool)
+
+
+# Nodule: a rounded opacity <= 3 cm; mass: > 3 cm (Fleischner glossary). At 256 px 1 cm ~ 7 px.
+BLOB_RADIUS = {("nodule", "mild"): 5.0, ("nodule", "moderate"): 7.0, ("nodule", "severe"): 10.0,
+               ("mass", "mild"): 13.0, ("mass", "moderate"): 17.0, ("mass", "severe"): 22.0}  # px at 256
+
+
+def blob_centre(f: Finding, a: Anatomy) -> tuple[float, float] | None:
+    """(row, col): the centroid of the named zone (middle zone when none) of the named lung (right when none)."""
+    side = f.side if f.side in ("right", "left") else "right"
+    z = zone_mask(a, side, "middle" if f.zone == "none" else f.zone) > 0.5
+    if not z.any():
+        return None
+    r, c = np.nonzero(z)
+    return float(r.mean()), float(c.mean())
+
+
+def blob_radius(f: Finding, a: Anatomy) -> float:
+    return BLOB_RADIUS[(f.name, severity_of(f))] * scale_px(a.shape)
+
+
+def _blob(f: Finding, a: Anatomy) -> np.ndarray:
+    c = blob_centre(f, a)
+    if c is None:
+        return np.zeros(a.shape, bool)
+    y, x = np.mgrid[0:a.shape[0], 0:a.shape[1]]
+    return np.hypot(y - c[0], x - c[1]) <= 1.35 * blob_radius(f, a) + 2
+
+
+def _lung_zone(f: Finding, a: Anatomy) -> np.ndarray:
+    """Findings without a shape of their own: the named zone of the named lung(s)."""
+    return zone_mask(a, f.side, f.zone) > 0.5
+
+
+SHAPES = {"pleural effusion": _effusion, "pulmonary edema": _edema, "consolidation": _airspace,
+          "opacity": _airspace, "pneumonia": _airspace, "atelectasis": _atelectasis, "cardiomegaly": _cardiomegaly,
+          "pneumothorax": _pneumothorax, "nodule": _blob, "mass": _blob}
+SHAPE_NOTES = {"pleural effusion": "dependent base and costophrenic angle up to a meniscus rising laterally",
+               "pulmonary edema": "perihilar (bat-wing) and basal regions of both lungs",
+               "consolidation": "the named zone (lower two thirds without one)",
+               "opacity": "the named zone (lower two thirds without one)",
+               "pneumonia": "the named zone (lower two thirds without one)",
+               "atelectasis": "a plate-like band in the named zone (top of the lower zone without one)",
+               "cardiomegaly": "the heart and its borders, widened",
+               "pneumothorax": "a rim along the apical and lateral chest wall",
+               "nodule": "a round region in the named zone", "mass": "a round region in the named zone"}
+
+
+# ------------------------------------------------------------------------- the edit mask
+@dataclass
+class EditMask:
+    """The union edit mask and each finding's own."""
+    mask: np.ndarray                                            # (H, W) float32 in [0, 1], soft border
+    per_finding: list[tuple[Finding, np.ndarray]] = field(default_factory=list)  # each (H, W) float32
+    notes: list[str] = field(default_factory=list)
+
+
+def _where(f: Finding) -> str:
+    parts = [v for v in (f.side, f.zone, f.severity) if v != "none"]
+    return f"{f.name} ({', '.join(parts + [f.change])})"
+
+
+def finding_mask(f: Finding, anatomy: Anatomy, feather: float = 3.0) -> tuple[np.ndarray, str]:
+    """(H, W) float32 soft region of one finding and a note saying what it is."""
+    if f.change == "unchanged":
+        return np.zeros(anatomy.shape, np.float32), f"{_where(f)}: unchanged, nothing to edit"
+    shape = SHAPES.get(f.name, _lung_zone)
+    hard = np.asarray(shape(f, anatomy), bool)
+    what = SHAPE_NOTES.get(f.name, "the named zone of the lung(s) (no shape of its own)")
+    if f.change in ("decreased", "resolved"):
+        what += ", where the finding would be"
+    if not hard.any():
+        return np.zeros(anatomy.shape, np.float32), f"{_where(f)}: no region (empty lung/heart mask)"
+    return feather_mask(hard, feather * scale_px(anatomy.shape)), f"{_where(f)}: {what}"
+
+
+def edit_mask(findings: list[Finding], anatomy: Anatomy, *, feather: float = 3.0) -> EditMask:
+    """The union of each finding's soft region (feather: Gaussian sigma in px at 256)."""
+    out = EditMask(mask=np.zeros(anatomy.shape, np.float32))
+    for f in findings:
+        m, note = finding_mask(f, anatomy, feather)
+        out.per_finding.append((f, m))
+        out.notes.append(note)
+        out.mask = np.maximum(out.mask, m)
+    if anatomy.source != "network":
+        out.notes.append(f"regions drawn on the {anatomy.source} lung masks")
+    return out
+
+
+__all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
+           "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
+           "effusion_depth", "edema_weight", "atelectasis_band", "pneumothorax_distance", "pneumothorax_width",
+           "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING"]

@@ -1,0 +1,334 @@
+"""Knowledge-driven rendering of findings on a prior: the picture an edit starts from.
+
+`render_findings(prior, findings, anatomy, generator)` draws each finding's radiological sign
+(shape from `masks`, density measured on THIS prior) inside its edit region. The result is the
+`init_image` of the region-restricted sampler, which harmonises it at a low strength (SDEdit,
+Meng et al. 2022, arXiv:2108.01073): the rendering says where and what, the diffusion model
+makes it look acquired. A raw rendering is a schematic, not a radiograph.
+
+Densities: pixel values are brightness (1 = white = dense). Fluid and soft tissue are drawn at
+the brightness of this prior's cardiac shadow (`Levels.soft_tissue`), air at its darkest lung.
+Every random choice comes from `generator` (torch.randn(generator=...)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .anatomy import Anatomy
+from .findings.schema import Finding
+from .masks import (atelectasis_band, blob_centre, blob_radius, cardiac_displacement, edema_weight, edit_mask,
+                    effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width,
+                    scale_px, severity_of, sides_of, zone_mask, ATELECTASIS_THICKNESS)
+
+RENDERED_FINDINGS = frozenset({"pleural effusion", "pulmonary edema", "consolidation", "opacity", "pneumonia",
+                               "atelectasis", "cardiomegaly", "pneumothorax", "nodule", "mass"})
+
+
+@dataclass
+class Rendering:
+    image: np.ndarray                       # (H, W) float32 in [0, 1]
+    mask: np.ndarray                        # (H, W) float32 in [0, 1]: the region it changed (soft)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Brightness of this prior's tissues (measured, not constants)."""
+    soft_tissue: float                      # cardiac shadow (median inside the heart mask)
+    lung: float                             # aerated lung (median inside the lungs)
+    air: float                              # darkest lung (5th percentile)
+
+
+def measure_levels(prior: np.ndarray, anatomy: Anatomy) -> Levels:
+    """Soft-tissue, lung and air brightness of `prior` from its heart and lung masks."""
+    heart = np.asarray(anatomy.heart) > 0.5
+    lungs = np.asarray(anatomy.lung("bilateral")) > 0.5
+    lung_px = prior[lungs] if lungs.any() else prior.ravel()
+    lung, air = float(np.median(lung_px)), float(np.percentile(lung_px, 5))
+    st = float(np.percentile(prior[heart], 60)) if heart.any() else float(np.percentile(prior, 80))
+    return Levels(soft_tissue=max(st, lung + 0.08), lung=lung, air=min(air, lung))
+
+
+# ------------------------------------------------------------------------- primitives
+def noise_field(shape: tuple[int, int], gen: torch.Generator, sigma: float) -> np.ndarray:
+    """(H, W) float32 smooth random field, zero mean, unit std (Gaussian-filtered white noise)."""
+    n = torch.randn(shape, generator=gen, dtype=torch.float32).numpy()
+    f = ndimage.gaussian_filter(n, sigma)
+    return ((f - f.mean()) / (f.std() + 1e-8)).astype(np.float32)
+
+
+def smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0, 1)
+    return t * t * (3 - 2 * t)
+
+
+def densify(img: np.ndarray, alpha: np.ndarray, level: float | np.ndarray, keep_detail: float,
+            sigma: float) -> np.ndarray:
+    """Add density: raise the local mean (Gaussian `sigma`) toward `level` (never lower it) and
+    damp the fine detail (vessels) to `keep_detail` where alpha (H, W) in [0, 1] is 1."""
+    lp = ndimage.gaussian_filter(img, sigma)
+    detail = img - lp
+    target = np.maximum(lp, level)
+    return img + alpha * (target - lp) - alpha * (1 - keep_detail) * detail
+
+
+def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(img, sigma)
+
+
+# ------------------------------------------------------------------------- findings
+@dataclass
+class Ctx:
+    """What every finding's renderer needs."""
+    anatomy: Anatomy
+    levels: Levels
+    gen: torch.Generator
+    px: float                               # pixels per pixel-at-256
+
+
+DENSITY = {"mild": 0.6, "moderate": 0.8, "severe": 1.0}   # of the full effect, by severity
+
+
+# Meniscus sign (Damoiseau's curve): homogeneous basal opacity, concave upper border rising laterally,
+# obscuring the costophrenic angle and hemidiaphragm (Felson ch. "The pleura"; Fleischner glossary).
+def draw_effusion(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    sev = severity_of(f)
+    for s in sides_of(f.side):
+        d = effusion_depth(c.anatomy, s, sev)                                # (H, W) px below the meniscus
+        fr = lung_frame(c.anatomy, s)
+        if fr is None:
+            continue
+        inside = ndimage.distance_transform_edt(d > -0.5)                    # px from the pleural space's border
+        alpha = (smoothstep(d / (12 * c.px)) * (0.75 + 0.15 * smoothstep(d / (30 * c.px)))   # hazy meniscus
+                 * smoothstep(inside / (6 * c.px)))                         # fades into chest wall / abdomen
+        level = _fluid_level(img, fr, c) + 0.012 * noise_field(img.shape, c.gen, 10 * c.px)
+        img = densify(img, alpha, level, keep_detail=0.35, sigma=4 * c.px)
+    return img, (f"basal opacity at the soft-tissue density of this film ({c.levels.soft_tissue:.2f}) up to a "
+                 "meniscus rising laterally (Damoiseau's curve), the costophrenic angle and hemidiaphragm obscured")
+
+
+def _fluid_level(img: np.ndarray, fr, c: Ctx) -> np.ndarray:
+    """(1, W) brightness of fluid: this film's cardiac shadow, a quarter toward what lies under the
+    hemidiaphragm in that column (so the opacity merges with the diaphragm: the silhouette sign)."""
+    lp = _lowpass(img, 3 * c.px)
+    lo, hi = sorted((fr.medial, fr.lateral))
+    below = lp[min(fr.bottom + int(4 * c.px), img.shape[0] - 1):fr.bottom + int(16 * c.px) + 1]   # (k, W)
+    sub = np.median(below, axis=0) if below.size else np.full(img.shape[1], c.levels.soft_tissue)
+    sub[:lo], sub[hi + 1:] = sub[lo], sub[hi]
+    sub = ndimage.uniform_filter1d(sub, int(15 * c.px) | 1)
+    return np.maximum(0.75 * c.levels.soft_tissue + 0.25 * np.minimum(sub, 1.0), c.levels.lung + 0.08)[None, :]
+
+
+# Cardiogenic edema: bilateral perihilar (bat-wing) haze with indistinct vessels, fading to the periphery;
+# Kerley B lines: short horizontal lines at the lateral bases (Gluecker et al., RadioGraphics 1999;19:1507).
+def draw_edema(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    sev = severity_of(f)
+    lv = c.levels
+    for s in sides_of(f.side):
+        w = edema_weight(c.anatomy, s, sev)
+        patch = 0.75 + 0.25 * np.tanh(noise_field(img.shape, c.gen, 5 * c.px))
+        alpha = np.clip(w * patch * (0.55 + 0.45 * DENSITY[sev]), 0, 1)
+        img = densify(img, alpha, lv.lung + 0.75 * (lv.soft_tissue - lv.lung), keep_detail=0.55, sigma=3 * c.px)
+        if sev != "mild":
+            img = _kerley_b(img, s, c)
+    return img, "bilateral perihilar haze fading to the periphery (bat-wing), basal haze" + (
+        "" if sev == "mild" else ", faint Kerley B lines at the lateral bases")
+
+
+def _kerley_b(img: np.ndarray, side: str, c: Ctx) -> np.ndarray:
+    """Five short (~1-2 cm) faint horizontal lines reaching the lateral pleura of the lower zone."""
+    fr = lung_frame(c.anatomy, side)
+    if fr is None:
+        return img
+    lines = np.zeros_like(img)
+    u = torch.rand(5, generator=c.gen).numpy()
+    for k in range(5):
+        y = int(fr.top + fr.height * (0.74 + 0.18 * u[k]))
+        row = np.nonzero(fr.core[y])[0]
+        if row.size < 10:
+            continue
+        edge = row.min() if fr.lateral_sign < 0 else row.max()
+        span = np.arange(8 * c.px, dtype=int)
+        cols = edge - fr.lateral_sign * (2 + span)
+        lines[y, np.clip(cols, 0, img.shape[1] - 1)] = 1.0
+    lines = ndimage.gaussian_filter(lines, 0.6 * c.px) * (2.5 * c.px)
+    return img + 0.2 * (c.levels.soft_tissue - c.levels.lung) * np.clip(lines, 0, 1)
+
+
+# Air-space opacity: patchy, confluent, ill-defined; consolidation may show air bronchograms
+# (Fleischner glossary: "consolidation", "air bronchogram"; Hansell et al., Radiology 2008).
+AIRSPACE = {"consolidation": (0.8, 0.35, True), "pneumonia": (0.75, 0.4, True), "opacity": (0.6, 0.5, False)}
+
+
+def draw_airspace(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    dens, keep, bronchograms = AIRSPACE[f.name]
+    sev = severity_of(f)
+    region = ndimage.gaussian_filter(_airspace_region(f, c.anatomy).astype(np.float32), 4 * c.px)
+    field_ = 0.7 * noise_field(img.shape, c.gen, 9 * c.px) + 0.3 * noise_field(img.shape, c.gen, 3 * c.px)
+    bias = {"mild": -0.3, "moderate": 0.4, "severe": 1.2}[sev]
+    patchy = 1 / (1 + np.exp(-(field_ + bias) / 0.35))                       # smooth random field, soft threshold
+    alpha = np.clip(region * patchy * dens, 0, 1)
+    img = densify(img, alpha, c.levels.soft_tissue, keep_detail=keep, sigma=3 * c.px)
+    note = "patchy confluent air-space opacity (soft-thresholded smooth random field)"
+    if bronchograms:
+        img = img - _bronchograms(alpha, c) * 0.35 * (c.levels.soft_tissue - c.levels.lung)
+        note += " with air bronchograms"
+    return img, note
+
+
+def _airspace_region(f: Finding, a: Anatomy) -> np.ndarray:
+    if f.zone != "none":
+        return zone_mask(a, f.side, f.zone) > 0.5
+    return np.maximum(zone_mask(a, f.side, "middle"), zone_mask(a, f.side, "lower")) > 0.5
+
+
+def _bronchograms(alpha: np.ndarray, c: Ctx) -> np.ndarray:
+    """(H, W) in [0, 1]: a few thin branching lucent lines inside the densest part of the opacity."""
+    dense = alpha > 0.6
+    lines = np.zeros_like(alpha)
+    if dense.sum() < 50:
+        return lines
+    ys, xs = np.nonzero(dense)
+    r = torch.rand(3, 3, generator=c.gen).numpy()
+    for k in range(3):
+        i = int(r[k, 0] * (len(ys) - 1))
+        angle = np.pi * (0.25 + 0.5 * r[k, 1]) + (np.pi if r[k, 2] > 0.5 else 0)
+        for br in (-0.3, 0.3):                                                   # a fork: two branches
+            t = np.arange(0, 11 * c.px, 0.5)
+            yy = np.clip(ys[i] + np.sin(angle + br * (t / t.max())) * t, 0, alpha.shape[0] - 1).astype(int)
+            xx = np.clip(xs[i] + np.cos(angle + br * (t / t.max())) * t, 0, alpha.shape[1] - 1).astype(int)
+            lines[yy, xx] = 1.0
+    lines = np.clip(ndimage.gaussian_filter(lines, 0.7 * c.px) * 2.0, 0, 1)
+    return lines * dense * smoothstep((alpha - 0.6) / 0.2)
+
+
+# Plate-like atelectasis: a linear band of increased density, horizontal or slightly oblique
+# (Fleischner glossary: "atelectasis, linear"; Felson).
+def draw_atelectasis(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    sev = severity_of(f)
+    half = ATELECTASIS_THICKNESS[sev] * c.px / 2
+    for s in sides_of(f.side):
+        d = np.abs(atelectasis_band(c.anatomy, s, f.zone, sev))
+        ends = smoothstep(ndimage.distance_transform_edt(np.isfinite(d)) / (8 * c.px))   # tapering ends
+        alpha = ndimage.gaussian_filter(smoothstep((half + 1 - d) / 2) * ends, 0.8 * c.px) * 0.5
+        img = densify(img, alpha, c.levels.soft_tissue, keep_detail=0.3, sigma=1.5 * c.px)
+    return img, "a linear plate-like band of soft-tissue density (no volume loss drawn)"
+
+
+# Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio up 10-20% by severity), mostly to
+# the patient's left, displacing the adjacent lung (Felson ch. "The heart"): a horizontal warp.
+def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    smaller = f.change in ("decreased", "resolved")
+    dx = cardiac_displacement(c.anatomy, severity_of(f), -1.0 if smaller else 1.0)  # (H, W) px
+    h, w = img.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = ndimage.map_coordinates(img, [y, x - dx], order=3, mode="nearest").astype(np.float32)
+    what = "narrowed" if smaller else "widened"
+    return out, (f"the heart silhouette {what} horizontally about its centre (geometric warp, up to "
+                 f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left)")
+
+
+# Pneumothorax: a thin white visceral pleural line parallel to the chest wall, no lung markings beyond it,
+# the space darker (Fleischner glossary: "pneumothorax"; "visceral pleural line" sign).
+def draw_pneumothorax(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    if f.change in ("decreased", "resolved"):
+        return img, "not drawn: the lung markings of a re-expanded lung cannot be rendered (left to the model)"
+    lv = c.levels
+    for s in sides_of(f.side):
+        d, fr = pneumothorax_distance(c.anatomy, s)
+        if fr is None:
+            continue
+        width = pneumothorax_width(fr, severity_of(f))                     # (H, 1) px
+        space = smoothstep((width - d) / (1.5 * c.px)) * np.isfinite(d)
+        lp = _lowpass(img, 2.5 * c.px)                                      # vessels gone, ribs kept
+        air = lp - 0.35 * np.maximum(lp - lv.air, 0) - 0.01                 # toward this film's darkest lung
+        img = img + space * (air - img)
+        line = np.exp(-0.5 * ((d - width) / (0.6 * c.px)) ** 2) * np.isfinite(d)
+        img = img + line * max(0.08, 0.35 * (lv.soft_tissue - lv.lung))
+    return img, ("a thin white visceral pleural line along the apical and lateral chest wall, the space "
+                 "beyond it darker and without lung markings")
+
+
+# Nodule / mass: a round, soft-edged opacity (<= 3 cm nodule, > 3 cm mass, mass a little lobulated;
+# Fleischner glossary).
+def draw_blob(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    centre = blob_centre(f, c.anatomy)
+    if centre is None:
+        return img, "not drawn: no lung mask"
+    radius = blob_radius(f, c.anatomy)
+    h, w = img.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r, theta = np.hypot(y - centre[0], x - centre[1]), np.arctan2(y - centre[0], x - centre[1])
+    k = torch.rand(2, generator=c.gen).numpy()
+    lob = 0.05 if f.name == "mass" else 0.02
+    edge = radius * (1 + lob * np.sin(3 * theta + 6.28 * k[0]) + lob * np.sin(5 * theta + 6.28 * k[1]))
+    thickness = np.sqrt(np.clip(1 - (r / edge) ** 2, 0, 1))                  # projected thickness of a sphere
+    soft_edge = smoothstep((edge - r) / (1.5 * c.px) + 0.5)
+    alpha = np.maximum(thickness, 0.25 * soft_edge) * soft_edge * (0.7 if f.name == "mass" else 0.55)
+    img = densify(img, alpha, c.levels.soft_tissue, keep_detail=0.5, sigma=1.5 * c.px)
+    return img, f"a round soft-edged opacity (projected sphere), radius {radius:.0f} px"
+
+
+DRAW: dict[str, Callable[[np.ndarray, Finding, Ctx], tuple[np.ndarray, str]]] = {
+    "pleural effusion": draw_effusion, "pulmonary edema": draw_edema, "consolidation": draw_airspace,
+    "opacity": draw_airspace, "pneumonia": draw_airspace, "atelectasis": draw_atelectasis,
+    "cardiomegaly": draw_cardiomegaly, "pneumothorax": draw_pneumothorax, "nodule": draw_blob, "mass": draw_blob}
+
+
+# ------------------------------------------------------------------------- decreased / resolved
+def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    """Approximate removal: inside the lung, pull the region's local mean down toward the aerated lung of
+    this film (resolved: fully, decreased: half), keeping the fine detail. It cannot restore hidden anatomy."""
+    k = 1.0 if f.change == "resolved" else 0.5
+    lungs = np.asarray(c.anatomy.lung(f.side if f.side in ("right", "left") else "bilateral")) > 0.5
+    outside = lungs & (region < 0.05)
+    ref = float(np.median(img[outside])) if outside.sum() > 50 else c.levels.lung
+    lp = _lowpass(img, 5 * c.px)
+    in_lung = ndimage.gaussian_filter(lungs.astype(np.float32), 3 * c.px)   # never the heart, liver, chest wall
+    img = img + k * region * in_lung * (np.minimum(lp, ref) - lp)
+    return img, (f"{'removed' if k == 1 else 'reduced'} by lowering the density toward this film's aerated lung "
+                 f"({ref:.2f}); the removal is approximate")
+
+
+# ------------------------------------------------------------------------- entry point
+def render_one(img: np.ndarray, f: Finding, region: np.ndarray, c: Ctx) -> tuple[np.ndarray, str]:
+    """One finding drawn on img (H, W); returns (image, what was drawn)."""
+    if f.change == "unchanged":
+        return img, "unchanged: nothing drawn"
+    if f.name not in RENDERED_FINDINGS:
+        return img, "not rendered (left to the diffusion model)"
+    if f.change in ("decreased", "resolved") and f.name not in ("cardiomegaly", "pneumothorax"):
+        return undo_density(img, region, f, c)
+    return DRAW[f.name](img, f, c)
+
+
+def _order(f: Finding) -> int:
+    return 0 if f.name == "cardiomegaly" else 1          # geometry first, then densities on the new geometry
+
+
+def render_findings(prior: np.ndarray, findings: list[Finding], anatomy: Anatomy,
+                    generator: torch.Generator | None = None) -> Rendering:
+    """Draw `findings` on `prior` (H, W) [0, 1]; the change is confined to the findings' edit regions.
+    generator: every random choice (None: a fixed seed 0, so the result is reproducible)."""
+    prior = np.asarray(prior, np.float32)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    c = Ctx(anatomy, measure_levels(prior, anatomy), gen, scale_px(prior.shape))
+    img, mask, notes = prior.copy(), np.zeros_like(prior), []
+    for f in sorted(findings, key=_order):
+        region, _ = finding_mask(f, anatomy)
+        img, what = render_one(img, f, region, c)
+        notes.append(f"{f.name} ({', '.join(v for v in (f.side, f.zone, severity_of(f), f.change) if v != 'none')}): "
+                     f"{what}" + (", knowledge-driven rendering" if f.name in RENDERED_FINDINGS
+                                  and f.change != "unchanged" else ""))
+        if f.name in RENDERED_FINDINGS and f.change != "unchanged":
+            mask = np.maximum(mask, region)
+    image = np.clip(prior + mask * (img - prior), 0, 1).astype(np.float32)   # nothing changes outside the regions
+    return Rendering(image=image, mask=mask.astype(np.float32), notes=notes)
+
+
+__all__ = ["Rendering", "render_findings", "RENDERED_FINDINGS", "Levels", "measure_levels", "edit_mask"]

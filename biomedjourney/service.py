@@ -1,0 +1,197 @@
+"""The service: what the app, the CLI and the Python API share (like hysts' demos: this computes, app.py wires).
+
+    plan_edit(prior, description)       -> EditPlan: structured findings, anatomy, edit mask, renderings, notes
+    generate_followups(pipe, prior, ..) -> FollowUps: the generated images with their plan and settings
+    export_followups(result, folder)    -> Exported: PNG / DICOM / heatmaps / edit mask / sidecar / zip
+
+Where the description names a finding the model is told where it is: the edit mask is built from the
+structured findings and the prior's own lungs (biomedjourney.masks), and only that region may change
+(blended latent diffusion in the pipeline). With `render` on, findings the weights cannot draw are first
+drawn from radiological knowledge (biomedjourney.render) and the diffusion model harmonises them at a
+low strength (SDEdit); every such image says so in its settings and sidecar.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import NO_CHANGE
+from .findings import Finding, extract, render as render_text
+from .imaging import LoadedImage, cxr_warnings, read_image
+
+# Images per finding in the shipped model's training data (NIH labels of the shared dataset's 930 NIH images,
+# the only labelled source; assets/MODEL_CARD.md): a finding with few gets a visible note, never silence.
+TRAINING_IMAGES = {"pneumonia": 476, "opacity": 178, "atelectasis": 113, "pulmonary edema": 86,
+                   "pleural effusion": 85, "consolidation": 31, "pleural thickening": 26, "nodule": 18, "mass": 17,
+                   "cardiomegaly": 16, "pneumothorax": 11, "emphysema": 8, "fibrosis": 7, "hernia": 3}
+RARE_BELOW = 50
+REGIONS = ("auto", "off")  # auto: the findings' region (both lungs for a finding with no place); off: whole film
+
+
+@dataclass
+class EditPlan:
+    """What will be changed, where, and how: shown to the user before and after generating."""
+    findings: list[Finding]                 # the description, structured
+    canonical: str                          # findings rendered back as the canonical description
+    mask: np.ndarray | None                 # (R, R) soft edit mask in [0, 1]; None: the whole film may change
+    mask_source: str                        # 'findings' | 'painted' | 'whole film'
+    anatomy: Any = None                     # biomedjourney.anatomy.Anatomy, when the region was needed
+    renderings: np.ndarray | None = None    # (B, R, R) knowledge-driven drawings the model harmonises, or None
+    rendered: list[str] = field(default_factory=list)   # what was drawn from knowledge, one line per finding
+    notes: list[str] = field(default_factory=list)      # for the user: rare findings, fallbacks, parse problems
+
+    def chips(self) -> list[str]:
+        return [f.chip() for f in self.findings]
+
+    def sidecar(self) -> dict:
+        return {"findings": [f.model_dump() for f in self.findings], "canonical_description": self.canonical,
+                "edit_mask": self.mask_source, "knowledge_rendering": self.rendered, "notes": self.notes,
+                "anatomy": None if self.anatomy is None else self.anatomy.source}
+
+
+@dataclass
+class FollowUps:
+    images: list[np.ndarray]                # (R, R) float32 [0, 1], no label burned in
+    prior: np.ndarray                       # (R, R) the prior as the model saw it
+    seeds: list[int]
+    settings: dict
+    plan: EditPlan
+    warnings: list[str] = field(default_factory=list)   # about the uploaded image
+    seconds: float = 0.0
+
+    @property
+    def output(self):
+        """The pipeline's GenerationOutput view (for the exporters)."""
+        from .pipeline import GenerationOutput
+        return GenerationOutput(images=self.images, prior=self.prior, seeds=self.seeds, settings=self.settings,
+                                mask=self.plan.mask)
+
+
+def _rare_notes(findings: list[Finding]) -> list[str]:
+    out = []
+    for f in findings:
+        n = TRAINING_IMAGES.get(f.name, 0)
+        if n < RARE_BELOW and f.change != "unchanged":
+            out.append(f"{f.name}: {n} training images; the model itself draws little of it"
+                       + (" (drawn from radiological knowledge instead)" if f.name in _rendered_names() else
+                          "; expect little change"))
+    return out
+
+
+def _rendered_names() -> frozenset:
+    from .render import RENDERED_FINDINGS
+    return RENDERED_FINDINGS
+
+
+def _region(findings, prior_img, painted, region, notes) -> tuple[np.ndarray | None, str, Any]:
+    from .anatomy import segment
+    from .masks import check_user_mask, edit_mask
+    anatomy = segment(prior_img) if findings or painted is not None else None
+    if anatomy is not None:
+        notes += anatomy.warnings
+    if painted is not None:
+        problems = check_user_mask(painted)
+        if painted.max() <= 0:
+            raise ValueError(problems[0] if problems else "The painted edit mask is empty.")
+        notes += problems
+        return painted.astype(np.float32), "painted", anatomy
+    if region == "off" or not findings:
+        return None, "whole film", anatomy
+    m = edit_mask(findings, anatomy)
+    notes += m.notes
+    return m.mask, "findings", anatomy
+
+
+def plan_edit(prior_img: np.ndarray, description: str, seeds: list[int], *, region: str = "auto",
+              painted_mask: np.ndarray | None = None, render: bool = False) -> EditPlan:
+    """Findings x anatomy -> edit mask (and optional knowledge-driven renderings, one per seed)."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    text = (description or "").strip()
+    findings = [] if text == NO_CHANGE else extract(text)
+    changing = [f for f in findings if f.change != "unchanged"]
+    notes: list[str] = []
+    if text and text != NO_CHANGE and not findings:
+        notes.append(f"No finding recognised in {text!r}: the model gets your words as written and the whole film "
+                     "may change. Use the composer or name a finding (effusion, edema, consolidation, ...).")
+    notes += _rare_notes(changing)
+    mask, source, anatomy = _region(changing, prior_img, painted_mask, region, notes)
+    plan = EditPlan(findings=findings, canonical=render_text(findings), mask=mask, mask_source=source,
+                    anatomy=anatomy, notes=notes)
+    drawable = [f for f in changing if f.name in _rendered_names()]
+    if render and drawable:
+        from .render import render_findings
+        rs = [render_findings(prior_img, drawable, anatomy, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        plan.renderings = np.stack([r.image for r in rs]).astype(np.float32)           # (B, R, R)
+        plan.rendered = rs[0].notes
+        if plan.mask is not None and source == "findings":  # the drawing's own extent belongs to the region
+            plan.mask = np.maximum(plan.mask, rs[0].mask).astype(np.float32)
+    return plan
+
+
+def load_prior(prior: Any) -> tuple[LoadedImage | np.ndarray, list[str]]:
+    """A path / bytes / LoadedImage / array -> what the pipeline takes, with warnings about the image."""
+    if isinstance(prior, np.ndarray):
+        return prior, []
+    loaded = prior if isinstance(prior, LoadedImage) else read_image(prior)
+    return loaded, cxr_warnings(loaded)
+
+
+def generate_followups(pipe, prior: Any, description: str, *, seed: int | None = None, num_images: int | None = None,
+                       sampler: dict | None = None, region: str | None = None, painted_mask: np.ndarray | None = None,
+                       render: bool | None = None, on_step: Callable[[int], None] | None = None) -> FollowUps:
+    """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's."""
+    from .pipeline import progress_callback
+    d = pipe.defaults
+    loaded, warnings = load_prior(prior)
+    prior_img = pipe.prepare_prior(loaded)
+    n = d.num_images if num_images is None else int(num_images)
+    seed = d.seed if seed is None else int(seed)
+    seeds = [seed + i for i in range(n)]
+    render = d.render if render is None else bool(render)
+    plan = plan_edit(prior_img, description, seeds, region=region or d.region, painted_mask=painted_mask,
+                     render=render)
+    kw = dict(sampler or {})
+    if plan.renderings is not None and kw.get("strength") is None:
+        kw["strength"] = d.render_strength  # SDEdit harmonisation of the drawing: a low strength keeps its shape
+    t0 = time.perf_counter()
+    out = pipe(prior_img, description, num_images=n, seed=seed, mask_image=plan.mask, init_image=plan.renderings,
+               callback_on_step_end=None if on_step is None else progress_callback(on_step), **kw)
+    settings = {**out.settings, **plan.sidecar()}
+    return FollowUps(images=out.images, prior=out.prior, seeds=out.seeds, settings=settings, plan=plan,
+                     warnings=warnings, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class Exported:
+    files: list[Path]                       # everything written, the sidecar last
+    heatmaps: dict[str, Path]               # 'sample1'..., 'mean_change', 'uncertainty'
+    mask: Path | None = None                # edit_mask.png
+    zip: Path | None = None
+
+
+def export_followups(result: FollowUps, folder: str | Path, *, source: LoadedImage | None = None, dicom: bool = True,
+                     heatmaps: bool = True, prefix: str = "followup", zip_name: str | None = None) -> Exported:
+    """Write the images (PNG, DICOM SC marked synthetic), heatmaps, the edit mask and the sidecar."""
+    from .export import save_outputs
+    from .imaging import save_png
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = []
+    if result.plan.mask is not None:
+        extra.append(save_png(result.plan.mask, folder / "edit_mask.png", synthetic=False, burn_in=False,
+                              description=f"Edit mask ({result.plan.mask_source}) for: {result.settings.get('prompt', '')}"))
+    files = save_outputs(result.output, folder, dicom=dicom, source=source, prefix=prefix, heatmaps=heatmaps,
+                         extra_files=[p.name for p in extra])
+    files = extra + files
+    maps = {p.stem.removeprefix("heatmap_"): p for p in files if p.name.startswith("heatmap_")}
+    zip_path = None
+    if zip_name:
+        from .journey import make_zip
+        zip_path = make_zip(files, folder / zip_name)
+    return Exported(files=files, heatmaps=maps, mask=extra[0] if extra else None, zip=zip_path)

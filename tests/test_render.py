@@ -1,0 +1,133 @@
+"""Knowledge-driven rendering: each finding drawn inside its region, with the right sign of density."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from biomedjourney.anatomy import atlas_anatomy
+from biomedjourney.findings.schema import Finding
+from biomedjourney.masks import finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width
+from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
+
+A = atlas_anatomy((256, 256))
+
+
+def phantom(heart_level: float = 0.85, seed: int = 0) -> np.ndarray:
+    """(256, 256) chest phantom on the atlas: bright soft tissue, dark lungs with fine vessel-like texture."""
+    rng = np.random.default_rng(seed)
+    lungs = A.lung("bilateral")
+    fine = ndimage.gaussian_filter(rng.standard_normal((256, 256)), 1.0)
+    img = 0.7 - 0.4 * lungs + 0.25 * fine * lungs
+    img = np.where(A.heart > 0.5, heart_level, img)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+PRIOR = phantom()
+
+
+def render(*findings, seed=0, prior=PRIOR):
+    return render_findings(prior, list(findings), A, torch.Generator().manual_seed(seed))
+
+
+CASES = [Finding(name="pleural effusion", side="right"), Finding(name="pulmonary edema", severity="severe"),
+         Finding(name="consolidation", side="right", zone="upper"), Finding(name="atelectasis", side="left"),
+         Finding(name="cardiomegaly", severity="severe"), Finding(name="pneumothorax", side="right"),
+         Finding(name="nodule", side="left", zone="upper"), Finding(name="mass", side="right", zone="lower"),
+         Finding(name="opacity"), Finding(name="pleural effusion", side="left", change="decreased")]
+
+
+@pytest.mark.parametrize("f", CASES, ids=lambda f: f.chip())
+def test_changes_only_inside_its_region(f):
+    prior = render(Finding(name="pleural effusion", side="left", severity="severe")).image \
+        if f.change == "decreased" else PRIOR
+    r = render(f, prior=prior)
+    change = np.abs(r.image - prior)
+    assert change.sum() > 5, "nothing was drawn"
+    region = finding_mask(f, A)[0]
+    assert change[region < 0.01].sum() < 0.01 * change.sum()
+    assert r.image.dtype == np.float32 and 0 <= r.image.min() and r.image.max() <= 1
+    assert np.allclose(r.mask, region) and "knowledge-driven rendering" in r.notes[0]
+
+
+def test_effusion_brightens_the_base_on_its_side():
+    r = render(Finding(name="pleural effusion", side="right", severity="moderate"))
+    f = lung_frame(A, "right")
+    base = np.zeros_like(PRIOR, bool)
+    base[f.bottom - int(0.15 * f.height):f.bottom] = True
+    base &= (A.right_lung > 0.5) & (A.heart < 0.5)
+    gain = r.image - PRIOR
+    assert gain[base].mean() > 0.15
+    assert gain[: f.top + f.height // 2].max() < 0.02                              # not the upper lung
+    assert np.abs(gain[:, :128]).sum() > 0.97 * np.abs(gain).sum()                # image left = patient's right
+    assert "meniscus" in r.notes[0]
+
+
+def test_effusion_density_follows_this_prior():
+    bright, dim = (render(Finding(name="pleural effusion", side="right"), prior=phantom(h)).image for h in (0.9, 0.6))
+    f = lung_frame(A, "right")
+    rows = slice(f.bottom - 12, f.bottom - 4)
+    cols = slice(f.lateral + 20, f.lateral + 40)
+    assert bright[rows, cols].mean() > dim[rows, cols].mean() + 0.1
+    assert measure_levels(phantom(0.9), A).soft_tissue > measure_levels(phantom(0.6), A).soft_tissue
+
+
+def _heart_width(img: np.ndarray) -> int:
+    """Columns of the bright central band on the heart's middle row (run around the heart centre)."""
+    rows, cols = np.nonzero(A.heart > 0.5)
+    y, cx = int(rows.mean()), int(cols.mean())
+    bright = ndimage.uniform_filter1d(img[y - 2:y + 3].mean(0), 3) > 0.6
+    lab, _ = ndimage.label(bright)
+    return int((lab == lab[cx]).sum())
+
+
+def test_cardiomegaly_widens_the_heart():
+    before = _heart_width(PRIOR)
+    widths = [_heart_width(render(Finding(name="cardiomegaly", severity=s)).image) for s in ("mild", "severe")]
+    assert before * 1.05 < widths[0] < widths[1]
+    assert widths[1] > before * 1.12
+    smaller = _heart_width(render(Finding(name="cardiomegaly", change="decreased")).image)
+    assert smaller < before
+
+
+def test_pneumothorax_space_is_darker_and_smoother():
+    r = render(Finding(name="pneumothorax", side="right", severity="moderate"))
+    d, fr = pneumothorax_distance(A, "right")
+    space = (d < pneumothorax_width(fr, "moderate") - 2) & (A.right_lung > 0.99)
+    def fine(img):                                                                 # high-pass: the lung markings
+        return img - ndimage.gaussian_filter(img, 2)
+    assert r.image[space].mean() < PRIOR[space].mean() - 0.02
+    assert fine(r.image)[space].std() < 0.5 * fine(PRIOR)[space].std()
+    line = (np.abs(d - pneumothorax_width(fr, "moderate")) < 0.7) & (A.right_lung > 0.99)
+    assert r.image[line].mean() > r.image[space].mean() + 0.05                    # the white pleural line
+
+
+def test_same_seed_same_image_different_seeds_differ():
+    f = Finding(name="consolidation", side="right")
+    assert np.array_equal(render(f, seed=3).image, render(f, seed=3).image)
+    assert np.abs(render(f, seed=3).image - render(f, seed=4).image).mean() > 1e-3
+    assert np.array_equal(render_findings(PRIOR, [f], A).image, render_findings(PRIOR, [f], A).image)
+
+
+def test_decreased_effusion_darkens_the_base():
+    effused = render(Finding(name="pleural effusion", side="left", severity="severe")).image
+    r = render(Finding(name="pleural effusion", side="left", change="resolved"), prior=effused)
+    f = lung_frame(A, "left")
+    base = np.zeros_like(PRIOR, bool)
+    base[f.bottom - 20:f.bottom - 5] = True
+    base &= (A.left_lung > 0.5) & (A.heart < 0.5)
+    assert r.image[base].mean() < effused[base].mean() - 0.1
+    assert "approximate" in r.notes[0]
+
+
+def test_unchanged_and_unrendered_findings_leave_the_prior():
+    r = render(Finding(name="pleural effusion", side="right", change="unchanged"), Finding(name="fracture"))
+    assert np.array_equal(r.image, PRIOR) and r.mask.max() == 0
+    assert "nothing drawn" in r.notes[0] and "not rendered" in r.notes[1]
+    assert {"pleural effusion", "pulmonary edema", "cardiomegaly", "pneumothorax", "consolidation"} <= RENDERED_FINDINGS
+    assert "fracture" not in RENDERED_FINDINGS
+
+
+def test_edema_is_bilateral():
+    gain = render(Finding(name="pulmonary edema")).image - PRIOR
+    left, right = np.abs(gain[:, :128]).sum(), np.abs(gain[:, 128:]).sum()
+    assert 0.5 < left / right < 2 and gain.sum() > 0
