@@ -211,7 +211,7 @@ def estimate_heart(right_lung: np.ndarray, left_lung: np.ndarray) -> np.ndarray:
 # ==========================================================================================
 FALLBACK_NOTE = "using the average anatomy."
 # plausible lung share of the 256x256 model-input frame, per lung
-LUNG_AREA_RANGE = (0.03, 0.35)
+LUNG_AREA_RANGE = (0.03, 0.45)
 
 
 def segmenter_path() -> Path:
@@ -232,7 +232,6 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Segmenter":
-        import torch
         from safetensors.torch import load_file
         path = Path(path)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
@@ -348,8 +347,9 @@ def segment(image, segmenter: Segmenter | None = None, size: int = 256) -> Anato
     `image`: anything `imaging.read_image` accepts (path, bytes, PIL, array, LoadedImage); it goes through
     `imaging.to_model_input` like every model input. `segmenter`: default the shipped one
     (`segmenter_path()`). Post-processing: largest component per lung, holes filled, light smoothing.
-    When the segmenter is missing, or its lungs are implausible (area, side, shape), the atlas is returned
-    with the reason in `warnings` (source 'atlas'). Raises `imaging.ImageLoadError` for unreadable input.
+    When the segmenter is missing, or its lungs are implausible (area, side, shape, not darker than the
+    heart), the atlas is returned with the reason in `warnings` (source 'atlas'). Raises
+    `imaging.ImageLoadError` for unreadable input.
     """
     from .imaging import read_image, to_model_input
     loaded = read_image(image)

@@ -6,6 +6,7 @@ Examples
   python -m biomedjourney describe --prior-report "Clear lungs." --followup-report "Small left effusion."
   python -m biomedjourney findings --text "New small right basal pleural effusion."
   python -m biomedjourney anatomy --prior chest.dcm --out anatomy/
+  python -m biomedjourney journey --prior chest.dcm --steps "day 3: new right pleural effusion; day 9: increasing right pleural effusion" --out journey/
 
 Research and education only - not for diagnosis. Every generated file is marked synthetic.
 """
@@ -25,7 +26,7 @@ SCHEDULER_NAMES = ("dpmsolver++", "ddim", "euler_a")
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m biomedjourney", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,describe,anatomy,findings}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{generate,describe,findings,anatomy,journey}")
 
     g = sub.add_parser("generate", help="generate follow-up images from a prior X-ray and a description",
                        description="Generate follow-up chest X-rays from a prior image (PNG, JPEG or DICOM) and a "
@@ -77,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
                                     "and overlay.png (contours, R/L on the patient's sides).")
     an.add_argument("--prior", required=True, help="prior chest X-ray: PNG, JPEG or DICOM file")
     an.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    j = sub.add_parser("journey", help="apply a sequence of descriptions one after another",
+                       description="A disease journey: each step's description is applied to the previous step's "
+                                   "image (step k uses seed + k). Writes a filmstrip, an animated GIF, each step's "
+                                   "files and a zip. Errors accumulate along the way.")
+    j.add_argument("--prior", required=True, help="prior chest X-ray: PNG, JPEG or DICOM file")
+    j.add_argument("--steps", required=True,
+                   help='"day 3: new right lower lobe consolidation; day 7: increasing right consolidation"')
+    j.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--model", default=None, help="model folder or Hugging Face Hub id (default: the shipped model)")
+    j.add_argument("--region", choices=["auto", "off"], default=None)
+    j.add_argument("--render", choices=["on", "off"], default=None)
+    j.add_argument("--device", default=None)
     from .findings.cli import add_parser as _add_findings_parser
     _add_findings_parser(sub)
     return ap
@@ -165,12 +179,31 @@ def _anatomy(a) -> int:
     return 0
 
 
+def _journey(a) -> int:
+    from .imaging import ImageLoadError
+    from .pipeline import BiomedJourneyPipeline
+    from .service import load_prior, run_journey
+    try:
+        loaded, warnings = load_prior(a.prior)
+        pipe = BiomedJourneyPipeline.from_pretrained(a.model, device=a.device)
+        r = run_journey(pipe, loaded, a.steps, seed=a.seed, region=a.region, out=a.out,
+                        render=None if a.render is None else a.render == "on")
+    except (ImageLoadError, FileNotFoundError, OSError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in warnings + [n for s in r.results for n in s.plan.notes]:
+        print(f"note: {w}", file=sys.stderr)
+    print(NOTICE)
+    print(f"{len(r.steps)} steps -> {a.out}: {r.filmstrip.name}, {r.gif.name}, {r.zip.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.command == "findings":
         from .findings.cli import run as _findings
         return _findings(a)
-    return {"generate": _generate, "describe": _describe, "anatomy": _anatomy}[a.command](a)
+    return {"generate": _generate, "describe": _describe, "anatomy": _anatomy, "journey": _journey}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -420,7 +420,52 @@ def edit_mask(findings: list[Finding], anatomy: Anatomy, *, feather: float = 3.0
     return out
 
 
+# ------------------------------------------------------------------------- for the app: show and paint
+MASK_COLOUR = (255, 140, 0)   # orange: reads on a grey film, distinct from the heatmaps' red / blue
+
+
+def mask_overlay(prior: np.ndarray, mask: np.ndarray | None, colour=MASK_COLOUR, alpha: float = 0.45) -> np.ndarray:
+    """(H, W, 3) uint8: the [0, 1] prior with the edit mask tinted in `colour` and its border drawn;
+    mask None (the whole film may change) tints the whole film."""
+    g = np.clip(np.asarray(prior, np.float32), 0, 1)
+    m = np.ones_like(g) if mask is None else np.clip(np.asarray(mask, np.float32), 0, 1)
+    if m.shape != g.shape:
+        raise ValueError(f"mask shape {m.shape} differs from the prior's {g.shape}")
+    c = np.asarray(colour, np.float32) / 255.0
+    a = (alpha * m)[..., None]
+    rgb = g[..., None] * (1 - a) + c * a
+    hard = m > 0.5
+    rgb[hard & ~ndimage.binary_erosion(hard, border_value=0)] = c
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def mask_layer(mask: np.ndarray | None, colour=MASK_COLOUR, alpha: int = 150) -> np.ndarray | None:
+    """(H, W, 4) uint8 RGBA paint layer of a mask (> 0.5), to pre-fill an image editor; None for None."""
+    if mask is None:
+        return None
+    hard = np.asarray(mask) > 0.5
+    out = np.zeros((*hard.shape, 4), np.uint8)
+    out[hard] = (*colour, alpha)
+    return out
+
+
+def painted_mask(layers, size: int) -> np.ndarray:
+    """Paint layers ((H, W, 4) RGBA, or (H, W) grey; any size) -> (size, size) float32 mask in [0, 1]:
+    painted where any layer is not transparent, averaged over each output pixel."""
+    from PIL import Image
+    union = None
+    for layer in layers or []:
+        a = np.asarray(layer)
+        on = a[..., 3] > 0 if a.ndim == 3 and a.shape[2] == 4 else (a.max(-1) if a.ndim == 3 else a) > 0
+        union = on if union is None else union | on
+    if union is None:
+        return np.zeros((size, size), np.float32)
+    im = Image.fromarray(union.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BOX)
+    return np.clip(np.asarray(im, np.float32), 0, 1)
+
+
 __all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
            "effusion_depth", "edema_weight", "atelectasis_band", "pneumothorax_distance", "pneumothorax_width",
-           "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING"]
+           "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING",
+           "mask_overlay", "mask_layer", "painted_mask", "MASK_COLOUR"]

@@ -280,109 +280,93 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         ((R, R), or (B, R, R): one per image): the prompt's trajectory starts from this picture noised to `strength` instead of the prior
         (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al. 2022,
         arXiv:2108.01073); the reference (NO_CHANGE) trajectory still starts from the prior."""
-        d = self.defaults
-        n = d.num_images if num_images is None else int(num_images)
-        steps = d.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        g_text = d.guidance_scale if guidance_scale is None else float(guidance_scale)
-        g_img = d.image_guidance_scale if image_guidance_scale is None else float(image_guidance_scale)
-        sched_name = scheduler or d.scheduler
-        strength = d.strength if strength is None else float(strength)
-        negative_prompt = d.negative_prompt if negative_prompt is None else negative_prompt
-        text_only = prior is None
-        if text_only:
-            strength, mask_image, init_image = 1.0, None, None  # nothing to start from or to keep
-        self.check_inputs(prompt, n, steps, g_text, g_img, sched_name, strength, negative_prompt, mask_image,
-                          init_image, output_type)
-        seed = d.seed if seed is None else int(seed)
-        seeds = [seed + i for i in range(n)]
-        if generator is None:
-            generator = [torch.Generator().manual_seed(s) for s in seeds]  # one per image: each reproducible alone
-        elif isinstance(generator, torch.Generator):
-            generator = [generator] * n
-        transfer = (d.change_transfer if change_transfer is None else bool(change_transfer)) and not text_only
-        k = 2 if transfer else 1  # trajectories: [prompt] or [prompt, NO_CHANGE]
-        branches = 2 if text_only else 3
-        settings = {"prompt": prompt, "num_images": n, "num_inference_steps": steps,
-                    "guidance_scale": g_text, "image_guidance_scale": g_img, "scheduler": sched_name,
-                    "strength": strength, "negative_prompt": negative_prompt, "change_transfer": transfer,
-                    "seed": seed, "seeds": seeds, "text_only": text_only, "resolution": self.resolution,
-                    "region_restricted": mask_image is not None, "init_image": init_image is not None,
+        r = self._resolve(prior is None, dict(num_images=num_images, num_inference_steps=num_inference_steps,
+                                              guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                                              scheduler=scheduler, strength=strength, negative_prompt=negative_prompt,
+                                              change_transfer=change_transfer, seed=seed))
+        if r.text_only:
+            mask_image, init_image = None, None  # nothing to keep or to start from
+        self.check_inputs(prompt, r.n, r.steps, r.g_text, r.g_img, r.scheduler, r.strength, r.negative_prompt,
+                          mask_image, init_image, output_type)
+        settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
+                    "init_image": init_image is not None, "resolution": self.resolution,
                     "model": _public_model_id(self.model_id), "biomedjourney_version": __version__}
-        prior_img = None if text_only else self.prepare_prior(prior)
-        if transfer and init_image is None and prompt_embeds is None and prompt.strip() == NO_CHANGE:
+        prior_img = None if r.text_only else self.prepare_prior(prior)
+        if r.k == 2 and init_image is None and prompt_embeds is None and prompt.strip() == NO_CHANGE:
             # both trajectories would be the same sample, so prior + (a - a): nothing to denoise
-            return self._output([prior_img.copy() for _ in range(n)], prior_img, seeds, settings, mask_image,
+            return self._output([prior_img.copy() for _ in range(r.n)], prior_img, r.seeds, settings, mask_image,
                                 output_type, return_dict)
+        generator = _generators(generator, r)
 
-        # 1. Encode prompt
-        emb, emb_mask = self._embeddings(prompt, n, k, branches, negative_prompt, prompt_embeds, negative_prompt_embeds)
-
-        # 2. Encode prior (zero latent = the dummy prior of stage 1 and of image dropout) and the start picture
-        lc, f = self.vae.config.latent_channels, self.resolution // self.unet.config.sample_size
-        shape = (n, lc, self.resolution // f, self.resolution // f)
-        if text_only:
-            prior_lat = torch.zeros(shape, device=self.device, dtype=self.dtype)              # (B, C, h, w)
-            start_lat = prior_lat
-        else:
-            z = self.encode_images(torch.from_numpy(prior_img)[None, None])                   # (1, C, h, w)
-            prior_lat = z.expand(k * n, -1, -1, -1)                                         # (kB, C, h, w)
-            start_lat = prior_lat
-            if init_image is not None:  # one picture for every image, or one per image (B, R, R)
-                x = torch.from_numpy(init_image.astype(np.float32)).reshape(-1, 1, *init_image.shape[-2:])
-                zi = self.encode_images(x).expand(n, -1, -1, -1)                               # (B, C, h, w)
-                start_lat = torch.cat([zi] + [prior_lat[n:]] * (k - 1))                        # (kB, C, h, w)
-        zero = torch.zeros_like(prior_lat)
-        image_cond = torch.cat([prior_lat, zero] if text_only else [prior_lat, prior_lat, zero])  # (branches*kB, C, h, w)
-        latent_mask = None if mask_image is None else self._latent_mask(mask_image, shape[2])  # (1, 1, h, w)
-
+        # 1. Encode prompt: [text (, NO_CHANGE)] x [text+prior, prior only, neither]
+        emb, emb_mask = self._embeddings(prompt, r.n, r.k, r.branches, r.negative_prompt, prompt_embeds,
+                                         negative_prompt_embeds)
+        # 2. Encode the prior (zero latent = stage 1's dummy prior) and the picture the edit starts from
+        prior_lat, start_lat = self._encode_prior(prior_img, init_image, r)                  # (kB, C, h, w) each
+        image_cond = torch.cat([prior_lat] * (r.branches - 1) + [torch.zeros_like(prior_lat)])  # (branches*kB, C, h, w)
+        latent_mask = None if mask_image is None else self._latent_mask(mask_image, prior_lat.shape[2])
         # 3. Timesteps (img2img: strength) and initial latents: pure noise, or the noised start picture (SDEdit)
-        sched = make_scheduler(sched_name, self.scheduler.config)  # a fresh instance: concurrent calls share no state
-        sched.set_timesteps(steps, device=self.device)
-        timesteps = self.get_timesteps(sched, steps, strength)
-        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)  # (B, C, h, w)
-        noise = noise.to(self.device, self.dtype).repeat(k, 1, 1, 1)                                     # (kB, C, h, w)
-        if transfer:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
-            generator = list(generator) + [_clone(g) for g in generator]
+        sched = make_scheduler(r.scheduler, self.scheduler.config)  # a fresh instance: concurrent calls share no state
+        sched.set_timesteps(r.steps, device=self.device)
+        timesteps = self.get_timesteps(sched, r.steps, r.strength)
+        noise = randn_tensor(prior_lat[:r.n].shape, generator=generator, device=torch.device("cpu"),
+                             dtype=torch.float32).to(self.device, self.dtype).repeat(r.k, 1, 1, 1)   # (kB, C, h, w)
+        if r.transfer:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
+            generator = generator + [_clone(g) for g in generator]
         if len(timesteps) < len(sched.timesteps):
-            latents = sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(k * n)).to(self.dtype)
+            latents = sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(r.k * r.n)).to(self.dtype)
         else:
             latents = noise * sched.init_noise_sigma
-
-        # 4. Denoise: one batched UNet call per step, dual guidance (InstructPix2Pix eq. 3)
+        # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                x = sched.scale_model_input(torch.cat([latents] * branches), t)               # (branches*kB, C, h, w)
-                x = torch.cat([x, image_cond], dim=1)                                          # (branches*kB, 2C, h, w)
-                eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=emb_mask).sample.float()
-                if text_only:
-                    e_text, e_unc = eps.chunk(2)
-                    eps = e_unc + g_text * (e_text - e_unc)
-                else:
-                    eps = dual_guidance(*eps.chunk(3), g_text, g_img)
+                eps = self._guided_eps(sched, latents, t, image_cond, emb, emb_mask, r)
                 latents = sched.step(eps, t, latents.float(), generator=generator).prev_sample.to(self.dtype)
                 if latent_mask is not None:  # blended latent diffusion: outside the mask, the prior at this noise level
-                    kept = prior_lat
-                    if i + 1 < len(timesteps):
-                        kept = sched.add_noise(prior_lat.float(), noise.float(), timesteps[i + 1:i + 2].repeat(k * n))
-                    latents = latent_mask * latents + (1 - latent_mask) * kept.to(self.dtype)
+                    kept = prior_lat if i + 1 == len(timesteps) else sched.add_noise(
+                        prior_lat.float(), noise.float(), timesteps[i + 1:i + 2].repeat(r.k * r.n)).to(self.dtype)
+                    latents = latent_mask * latents + (1 - latent_mask) * kept
                 if callback_on_step_end is not None:
-                    names = callback_on_step_end_tensor_inputs or self._callback_tensor_inputs
                     here = locals()
-                    out = callback_on_step_end(self, i, t, {name: here[name] for name in names})
-                    latents = (out or {}).get("latents", latents)
+                    names = callback_on_step_end_tensor_inputs or self._callback_tensor_inputs
+                    latents = (callback_on_step_end(self, i, t, {k: here[k] for k in names}) or {}).get("latents", latents)
                 progress.update()
-
-        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE); keep mask: prior outside
+        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE); keep mask: the prior outside
         if output_type == "latent":
-            return self._output(list(latents[:n]), prior_img, seeds, settings, mask_image, output_type, return_dict)
-        images = self.decode_latents(latents)
-        if transfer and mask_image is None:
-            images = [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
-        elif transfer:
-            images = [np.clip(prior_img + _masked(a - b, mask_image), 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
-        elif mask_image is not None:
-            images = [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
-        return self._output(images, prior_img, seeds, settings, mask_image, output_type, return_dict)
+            return self._output(list(latents[:r.n]), prior_img, r.seeds, settings, mask_image, output_type, return_dict)
+        images = _compose(self.decode_latents(latents), prior_img, mask_image, r)
+        return self._output(images, prior_img, r.seeds, settings, mask_image, output_type, return_dict)
+
+    def _resolve(self, text_only: bool, given: dict) -> "_Settings":
+        """Unset (None) arguments take the model's shipped defaults."""
+        d = to_dict(self.defaults)
+        v = {k: d[k] if val is None else val for k, val in given.items()}
+        return _Settings(n=int(v["num_images"]), steps=int(v["num_inference_steps"]), g_text=float(v["guidance_scale"]),
+                         g_img=float(v["image_guidance_scale"]), scheduler=v["scheduler"] or d["scheduler"],
+                         strength=1.0 if text_only else float(v["strength"]), negative_prompt=v["negative_prompt"],
+                         transfer=bool(v["change_transfer"]) and not text_only, seed=int(v["seed"]),
+                         text_only=text_only)
+
+    def _encode_prior(self, prior_img, init_image, r: "_Settings") -> tuple[torch.Tensor, torch.Tensor]:
+        lc, f = self.vae.config.latent_channels, self.resolution // self.unet.config.sample_size
+        if r.text_only:
+            z = torch.zeros((r.n, lc, self.resolution // f, self.resolution // f), device=self.device, dtype=self.dtype)
+            return z, z                                                                        # (B, C, h, w)
+        prior_lat = self.encode_images(torch.from_numpy(prior_img)[None, None]).expand(r.k * r.n, -1, -1, -1)
+        if init_image is None:
+            return prior_lat, prior_lat
+        x = torch.from_numpy(init_image.astype(np.float32)).reshape(-1, 1, *init_image.shape[-2:])  # one, or one per image
+        zi = self.encode_images(x).expand(r.n, -1, -1, -1)                                     # (B, C, h, w)
+        return prior_lat, torch.cat([zi] + [prior_lat[r.n:]] * (r.k - 1))                     # the reference: the prior
+
+    def _guided_eps(self, sched, latents, t, image_cond, emb, emb_mask, r: "_Settings") -> torch.Tensor:
+        x = sched.scale_model_input(torch.cat([latents] * r.branches), t)                     # (branches*kB, C, h, w)
+        x = torch.cat([x, image_cond], dim=1)                                                  # (branches*kB, 2C, h, w)
+        eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=emb_mask).sample.float()
+        if r.text_only:
+            e_text, e_unc = eps.chunk(2)
+            return e_unc + r.g_text * (e_text - e_unc)
+        return dual_guidance(*eps.chunk(3), r.g_text, r.g_img)
 
     def _output(self, images, prior_img, seeds, settings, mask_image, output_type, return_dict):
         if output_type == "pil":
@@ -410,6 +394,58 @@ def progress_callback(report: Callable[[int], None]) -> Callable:
 def read_defaults(folder: str | os.PathLike) -> SamplerConfig:
     """A model folder's shipped sampler settings, read from model_index.json without loading weights."""
     return SamplerConfig.from_dict(json.loads((Path(folder) / "model_index.json").read_text()).get("sampler", {}))
+
+
+@dataclass
+class _Settings:
+    """One call's settings, the model's defaults filled in."""
+    n: int
+    steps: int
+    g_text: float
+    g_img: float
+    scheduler: str
+    strength: float
+    negative_prompt: str
+    transfer: bool
+    seed: int
+    text_only: bool
+
+    @property
+    def k(self) -> int:  # trajectories: [prompt] or [prompt, NO_CHANGE]
+        return 2 if self.transfer else 1
+
+    @property
+    def branches(self) -> int:  # guidance branches: [text+prior, prior only, neither] (text-only: [text, neither])
+        return 2 if self.text_only else 3
+
+    @property
+    def seeds(self) -> list[int]:  # image i == a rerun with seed=seeds[i], num_images=1
+        return [self.seed + i for i in range(self.n)]
+
+    def settings(self) -> dict:
+        return {"num_images": self.n, "num_inference_steps": self.steps, "guidance_scale": self.g_text,
+                "image_guidance_scale": self.g_img, "scheduler": self.scheduler, "strength": self.strength,
+                "negative_prompt": self.negative_prompt, "change_transfer": self.transfer, "seed": self.seed,
+                "seeds": self.seeds, "text_only": self.text_only}
+
+
+def _generators(generator, r: _Settings) -> list[torch.Generator]:
+    """One generator per image, so that each image is reproducible alone."""
+    if generator is None:
+        return [torch.Generator().manual_seed(s) for s in r.seeds]
+    return [generator] * r.n if isinstance(generator, torch.Generator) else list(generator)
+
+
+def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings) -> list[np.ndarray]:
+    """Change transfer: prior + sample(prompt) - sample(NO_CHANGE); a mask keeps the prior outside it."""
+    n = r.n
+    if r.transfer and mask_image is None:
+        return [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
+    if r.transfer:
+        return [np.clip(prior_img + _masked(a - b, mask_image), 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
+    if mask_image is not None:
+        return [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
+    return images
 
 
 def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.Tensor,

@@ -104,24 +104,25 @@ def draw_effusion(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]
         if fr is None:
             continue
         inside = ndimage.distance_transform_edt(d > -0.5)                    # px from the pleural space's border
-        alpha = (smoothstep(d / (12 * c.px)) * (0.75 + 0.15 * smoothstep(d / (30 * c.px)))   # hazy meniscus
-                 * smoothstep(inside / (6 * c.px)))                         # fades into chest wall / abdomen
+        alpha = (smoothstep(d / (10 * c.px)) * (0.85 + 0.15 * smoothstep(d / (24 * c.px)))   # hazy meniscus
+                 * smoothstep(inside / (5 * c.px)))                         # fades into chest wall / abdomen
         level = _fluid_level(img, fr, c) + 0.012 * noise_field(img.shape, c.gen, 10 * c.px)
-        img = densify(img, alpha, level, keep_detail=0.35, sigma=4 * c.px)
-    return img, (f"basal opacity at the soft-tissue density of this film ({c.levels.soft_tissue:.2f}) up to a "
-                 "meniscus rising laterally (Damoiseau's curve), the costophrenic angle and hemidiaphragm obscured")
+        img = densify(img, alpha, level, keep_detail=0.2, sigma=4 * c.px)
+    return img, (f"basal opacity of fluid (water) density, as bright as this film's soft tissue below the "
+                 f"hemidiaphragm (at least its cardiac shadow, {c.levels.soft_tissue:.2f}), up to a meniscus rising "
+                 "laterally (Damoiseau's curve), the costophrenic angle and hemidiaphragm obscured")
 
 
 def _fluid_level(img: np.ndarray, fr, c: Ctx) -> np.ndarray:
-    """(1, W) brightness of fluid: this film's cardiac shadow, a quarter toward what lies under the
-    hemidiaphragm in that column (so the opacity merges with the diaphragm: the silhouette sign)."""
+    """(1, W) brightness of fluid: water density, i.e. what lies under the hemidiaphragm in that column (liver /
+    spleen), and at least this film's cardiac shadow, so the opacity merges with the diaphragm (silhouette sign)."""
     lp = _lowpass(img, 3 * c.px)
     lo, hi = sorted((fr.medial, fr.lateral))
     below = lp[min(fr.bottom + int(4 * c.px), img.shape[0] - 1):fr.bottom + int(16 * c.px) + 1]   # (k, W)
     sub = np.median(below, axis=0) if below.size else np.full(img.shape[1], c.levels.soft_tissue)
     sub[:lo], sub[hi + 1:] = sub[lo], sub[hi]
     sub = ndimage.uniform_filter1d(sub, int(15 * c.px) | 1)
-    return np.maximum(0.75 * c.levels.soft_tissue + 0.25 * np.minimum(sub, 1.0), c.levels.lung + 0.08)[None, :]
+    return np.maximum(np.maximum(c.levels.soft_tissue, np.minimum(sub, 1.0)), c.levels.lung + 0.08)[None, :]
 
 
 # Cardiogenic edema: bilateral perihilar (bat-wing) haze with indistinct vessels, fading to the periphery;

@@ -91,7 +91,7 @@ def _rendered_names() -> frozenset:
 def _region(findings, prior_img, painted, region, notes) -> tuple[np.ndarray | None, str, Any]:
     from .anatomy import segment
     from .masks import check_user_mask, edit_mask
-    anatomy = segment(prior_img) if findings or painted is not None else None
+    anatomy = segment(prior_img, size=prior_img.shape[-1]) if findings or painted is not None else None
     if anatomy is not None:
         notes += anatomy.warnings
     if painted is not None:
@@ -195,3 +195,52 @@ def export_followups(result: FollowUps, folder: str | Path, *, source: LoadedIma
         from .journey import make_zip
         zip_path = make_zip(files, folder / zip_name)
     return Exported(files=files, heatmaps=maps, mask=extra[0] if extra else None, zip=zip_path)
+
+
+@dataclass
+class Journey:
+    """A sequence of descriptions applied one after another; step k's first image is step k+1's prior."""
+    steps: list[tuple[str, str]]            # (label, description)
+    results: list[FollowUps]                # one per step (1 image each)
+    frames: list[np.ndarray]                # prior, then each step's image
+    filmstrip: Path | None = None
+    gif: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    zip: Path | None = None
+
+
+def run_journey(pipe, prior: Any, journey_text: str, *, seed: int = 0, sampler: dict | None = None,
+                region: str | None = None, render: bool | None = None, out: str | Path | None = None,
+                frame_ms: int = 800, on_step: Callable[[int, int], None] | None = None) -> Journey:
+    """'day 3: new right lower lobe consolidation; day 7: ...' -> frames (and with `out`: filmstrip, GIF, files, zip).
+    Step k uses seed + k, so a journey is reproducible from one number; errors accumulate along the way."""
+    from . import journey as jr
+    from .imaging import save_png
+    from .pipeline import denoising_steps
+    plan = jr.parse_journey(journey_text)
+    loaded, _ = load_prior(prior)
+    d, kw = pipe.defaults, dict(sampler or {})
+    per = denoising_steps(kw.get("num_inference_steps") or d.num_inference_steps, kw.get("strength") or d.strength)
+    current, results = loaded, []
+    for k, (_, description) in enumerate(plan):
+        tick = None if on_step is None else (lambda i, k=k: on_step(k * per + i, per * len(plan)))
+        r = generate_followups(pipe, current, description, seed=seed + k, num_images=1, sampler=kw, region=region,
+                               render=render, on_step=tick)
+        results.append(r)
+        current = r.images[0]
+    frames = [results[0].prior] + [r.images[0] for r in results]
+    result = Journey(steps=plan, results=results, frames=frames)
+    if out is None:
+        return result
+    folder = Path(out)
+    labels, marks = ["prior (input)"] + [lab for lab, _ in plan], [False] + [True] * len(results)
+    strip = jr.filmstrip(frames, labels, synthetic=marks)
+    result.filmstrip = save_png(strip / 255.0, folder / "journey_filmstrip.png", burn_in=False,
+                                description=" | ".join(f"{lab}: {desc}" for lab, desc in plan))
+    result.gif = jr.write_gif(frames, labels, folder / "journey.gif", int(frame_ms), synthetic=marks)
+    source = loaded if isinstance(loaded, LoadedImage) else None
+    result.files = [result.filmstrip, result.gif] + [
+        p for k, r in enumerate(results, 1)
+        for p in export_followups(r, folder / f"step{k:02d}", source=source, heatmaps=False, prefix=f"step{k:02d}").files]
+    result.zip = jr.make_zip(result.files, folder / "biomedjourney_journey.zip")
+    return result

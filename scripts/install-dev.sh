@@ -3,7 +3,7 @@
 # Debian's chromium for the end-to-end browser test (skipped with a reason where it can't be had).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -r requirements-dev.txt
+python -m pip install -q -r requirements-dev.txt -e .
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null) \

@@ -1,4 +1,5 @@
 """The app's handlers called directly (no server), with the tiny model; and journey.py's pieces."""
+import json
 import zipfile
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from biomedjourney import journey
+from biomedjourney import journey, masks
 from biomedjourney.config import SamplerConfig
 from biomedjourney.imaging import read_dicom_markers, synthetic_label_box
 from biomedjourney.pipeline import GenerationOutput
@@ -72,6 +73,9 @@ def test_generate_refuses_missing_inputs(app_module, rg1_path):
         _generate(app_module, rg1_path, scheduler="plms")
     with pytest.raises(gr.Error, match="seed is empty"):
         _generate(app_module, rg1_path, seed=None)
+    for bad in (-5, 2.5):  # our message naming the Seed field, not gradio's "less than minimum value"
+        with pytest.raises(gr.Error, match=rf"Seed must be a whole number from 0 to \d+, got {bad}\. Change the Seed"):
+            _generate(app_module, rg1_path, seed=bad)
     with pytest.raises(gr.Error, match=r"strength must be in \(0, 1\], got 1.5"):
         _generate(app_module, rg1_path, strength=1.5)
 
@@ -92,52 +96,143 @@ def small_png(tmp_path_factory):
 
 
 def test_generate_returns_marked_images_heatmaps_and_files(app_module, generated):
-    gallery, (before, after), heat, mean_map, std_map, settings, files, zip_path, seed, state = generated
-    assert seed == 7 and settings["seeds"] == [7, 8] and settings["scheduler"] == "ddim"
+    out = generated
+    settings = out.settings
+    assert out.seed == 7 and settings["seeds"] == [7, 8] and settings["scheduler"] == "ddim"
     assert settings["prompt"] == DESC and settings["num_inference_steps"] == 3
-    assert [cap for _, cap in gallery] == ["Sample 1 · seed 7", "Sample 2 · seed 8"]
-    for img, _ in gallery:
+    assert [cap for _, cap in out.gallery] == ["Sample 1 · seed 7", "Sample 2 · seed 8"]
+    for img, _ in out.gallery:
         assert img.shape == (64, 64) and img.dtype == np.uint8 and _has_label(img)
+    before, after = out.slider
     assert not _has_label(before) and _has_label(after)  # the prior is shown as it is
-    assert len(heat) == 2
-    assert [cap for _, cap in heat] == ["Sample 1", "Sample 2"]
-    for path in [h for h, _ in heat] + [mean_map, std_map]:
+    assert [cap for _, cap in out.heatmaps] == ["Sample 1", "Sample 2"]
+    names = [Path(h).name for h, _ in out.heatmaps] + [Path(out.mean_change).name, Path(out.uncertainty).name]
+    assert names == ["heatmap_sample1.png", "heatmap_sample2.png", "heatmap_mean_change.png",
+                     "heatmap_uncertainty.png"]
+    for path in [h for h, _ in out.heatmaps] + [out.mean_change, out.uncertainty]:
         with Image.open(path) as im:  # rendered figures (RGB), saved with the run
-            assert im.mode == "RGB" and im.height > 300 and Path(path).parent == Path(zip_path).parent
+            assert im.mode == "RGB" and im.height > 300 and Path(path).parent == Path(out.zip).parent
 
-    paths = [Path(p) for p in files]
+    paths = [Path(p) for p in out.files]
     assert all(p.is_file() for p in paths)
     dicoms = [p for p in paths if p.suffix == ".dcm"]
     assert len(dicoms) == 2 and sum(p.suffix == ".png" for p in paths) >= 2 + 4  # samples + heatmaps
     for d in dicoms:
         m = read_dicom_markers(d)
         assert m["ConversionType"] == "SYN" and "DERIVED" in m["ImageType"] and m["PatientName"] == ""
-    assert Path(zip_path).is_file()
-    with zipfile.ZipFile(zip_path) as z:
+    assert Path(out.zip).is_file()
+    with zipfile.ZipFile(out.zip) as z:
         assert sorted(Path(n).name for n in z.namelist()) == sorted(p.name for p in paths)
-    assert Path(zip_path).parent.parent.parent == app_module.OUTPUT_ROOT  # OUTPUT_ROOT/session/run
+    assert Path(out.zip).parent.parent.parent == app_module.OUTPUT_ROOT  # OUTPUT_ROOT/session/run
+
+
+def test_generate_shows_the_findings_and_the_region(app_module, generated):
+    out = generated
+    assert out.chips == [("pleural effusion · right · new", "new")]
+    assert "**Read as:** New right pleural effusion." in out.notes and "described findings" in out.notes
+    assert out.settings["edit_mask"] == "findings" and out.settings["region_restricted"] is True
+    assert out.settings["findings"][0]["side"] == "right"
+    assert out.mask_preview.shape == (64, 64, 3) and out.mask_preview.dtype == np.uint8
+    sidecar = json.loads((Path(out.zip).parent / "settings.json").read_text())
+    assert sidecar["edit_mask"] == "findings" and "edit_mask.png" in sidecar["files"]
 
 
 def test_same_seed_same_images_random_seed_is_reported(app_module, small_png):
     c = _generate(app_module, small_png, seed=11, n=1, randomise=True)
-    assert c[8] != 11 and c[5]["seed"] == c[8]      # the seed actually used goes back to the box
-    d = _generate(app_module, small_png, seed=c[8], n=1)
-    assert np.array_equal(c[0][0][0], d[0][0][0])   # same seed + settings = same image
-    assert Path(c[7]).parent != Path(d[7]).parent    # each run keeps its own folder
-    assert c[5]["strength"] == app_module.get_pipe().defaults.strength   # no slider value: the model's default
-    e = _generate(app_module, small_png, seed=c[8], n=1, strength=0.5)
-    assert e[5]["strength"] == 0.5 and not np.array_equal(e[0][0][0], d[0][0][0])
-    t = _generate(app_module, small_png, seed=c[8], n=1, transfer=True)
-    assert t[5]["change_transfer"] is True and c[5]["change_transfer"] is False
-    assert not np.array_equal(t[0][0][0], d[0][0][0])
+    assert c.seed != 11 and c.settings["seed"] == c.seed   # the seed actually used goes back to the box
+    d = _generate(app_module, small_png, seed=c.seed, n=1)
+    assert np.array_equal(c.gallery[0][0], d.gallery[0][0])   # same seed + settings = same image
+    assert Path(c.zip).parent != Path(d.zip).parent           # each run keeps its own folder
+    assert c.settings["strength"] == app_module.get_pipe().defaults.strength   # no slider value: the model's
+    e = _generate(app_module, small_png, seed=c.seed, n=1, strength=0.5)
+    assert e.settings["strength"] == 0.5 and not np.array_equal(e.gallery[0][0], d.gallery[0][0])
+    t = _generate(app_module, small_png, seed=c.seed, n=1, transfer=True)
+    assert t.settings["change_transfer"] is True and c.settings["change_transfer"] is False
+    assert not np.array_equal(t.gallery[0][0], d.gallery[0][0])
 
 
 def test_clicking_a_sample_compares_it_with_the_prior(app_module, generated):
-    out = generated
-    state = out[-1]
-    before, after = app_module.compare(state, gr.SelectData(None, {"index": 1, "value": None}))
-    assert np.array_equal(before, out[1][0])
-    assert np.array_equal(after, out[0][1][0])  # the second gallery image
+    before, after = app_module.compare(generated.state, gr.SelectData(None, {"index": 1, "value": None}))
+    assert np.array_equal(before, generated.slider[0])
+    assert np.array_equal(after, generated.gallery[1][0])  # the second gallery image
+
+
+# ----------------------------------------------------------------------------- findings, region, composer
+def test_chips_follow_the_description_as_typed(app_module):
+    assert app_module.read_findings("New right basal pleural effusion") == [
+        ("pleural effusion · right · base · new", "new")]
+    two = app_module.read_findings("Increased cardiomegaly. New left pneumothorax.")
+    assert {c for c, _ in two if c.strip()} == {"cardiomegaly · increased", "pneumothorax · left · new"}
+    assert app_module.read_findings("") == [] and app_module.read_findings("No significant interval change.") == []
+
+
+def test_mask_preview_tints_the_region_and_lists_the_notes(app_module, small_png):
+    img, notes = app_module.preview_plan(small_png, "New left pleural effusion.", "auto", False)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    tinted = (img[..., 0].astype(int) - img[..., 2]) > 20
+    assert 0 < tinted.mean() < 0.6                          # part of the film, not all of it
+    assert "average anatomy" in notes                      # a grey ramp has no lungs: the stated fallback
+    img, notes = app_module.preview_plan(small_png, "New left pleural effusion.", "off", False)
+    assert "the whole film" in notes
+    _, notes = app_module.preview_plan(small_png, "the patient looks fine", "auto", False)
+    assert "No finding recognised in 'the patient looks fine'" in notes
+    _, notes = app_module.preview_plan(small_png, "New right pneumothorax.", "auto", False)
+    assert "pneumothorax: 11 training images" in notes
+    assert app_module.preview_plan(None, "x", "auto", False) == (None, "")
+
+
+def test_paint_canvas_is_prefilled_with_the_prior_and_the_automatic_mask(app_module, small_png):
+    up = app_module.paint_canvas(True, small_png, "New right pleural effusion.", "auto")
+    assert up["visible"] is True
+    assert up["value"]["background"].shape == (64, 64) and up["value"]["layers"][0].shape == (64, 64, 4)
+    assert app_module.paint_canvas(False, small_png, "x", "auto")["visible"] is False
+
+
+def _canvas(mask):
+    return {"background": None, "layers": [masks.mask_layer(mask)], "composite": None}
+
+
+def test_an_empty_painted_mask_falls_back_to_the_automatic_region(app_module, small_png):
+    empty = {"background": None, "layers": [np.zeros((64, 64, 4), np.uint8)], "composite": None}
+    with pytest.warns(UserWarning, match="painted edit mask is empty.*automatic region"):
+        out = _generate(app_module, small_png, n=1, paint=True, canvas=empty)
+    assert out.settings["edit_mask"] == "findings"
+
+
+def test_a_painted_box_is_the_only_place_that_changes(app_module, small_png):
+    box = np.zeros((64, 64), np.float32)
+    box[20:40, 8:28] = 1
+    out = _generate(app_module, small_png, n=2, paint=True, canvas=_canvas(box), strength=1.0)
+    assert out.settings["edit_mask"] == "painted" and "your painted region" in out.notes
+    prior, outside = out.state["prior"], box == 0
+    for img in out.state["images"]:
+        assert np.array_equal(img[outside], prior[outside])
+        assert not np.array_equal(img[~outside], prior[~outside])
+    sidecar = json.loads((Path(out.zip).parent / "settings.json").read_text())
+    assert sidecar["edit_mask"] == "painted"
+    full = np.ones((64, 64), np.float32)
+    with pytest.warns(UserWarning, match="covers 100% of the film"):
+        _generate(app_module, small_png, n=1, paint=True, canvas=_canvas(full))
+
+
+def test_composer_writes_the_canonical_text(app_module):
+    rows = ["pleural effusion", "right", "base", "moderate", "new",
+            "pulmonary edema", "bilateral", "none", "none", "increased",
+            None, "none", "none", "none", "new"]
+    text = app_module.compose("", *rows)
+    assert text == "New moderate right basal pleural effusion. Increased bilateral pulmonary edema."
+    assert app_module.read_findings(text)[0] == ("pleural effusion · right · base · moderate · new", "new")
+    assert app_module.compose("Keep my words.", *rows).startswith("Keep my words. New moderate right")
+    with pytest.warns(UserWarning, match="Pick a finding"):
+        assert isinstance(app_module.compose("typed", *([None, "none", "none", "none", "new"] * 3)),
+                          type(gr.skip()))
+
+
+def test_examples_are_what_the_model_draws(app_module):
+    d = app_module.get_pipe().defaults
+    assert ("New right pneumothorax." in app_module.EXAMPLE_DESCRIPTIONS) == d.render
+    assert "New right pleural effusion." in app_module.EXAMPLE_DESCRIPTIONS
+    assert "knowledge-driven rendering harmonised by the model" in app_module.EXAMPLES_NOTE
 
 
 # ----------------------------------------------------------------------------- describe
@@ -195,8 +290,8 @@ def test_missing_model_is_explained(app_module, monkeypatch, tmp_path):
 def test_on_load_sets_the_models_defaults(app_module, tiny_model_dir):
     values = app_module.on_load()
     d = app_module.get_pipe().defaults
-    assert values[:8] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
-                          d.strength, d.change_transfer, d.seed, d.scheduler]
+    assert values[:10] == [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale,
+                           d.strength, d.change_transfer, d.seed, d.scheduler, d.region, d.render]
     assert "64×64" in values[-1]
     assert app_module.initial_defaults() == d  # read from the folder's config without loading weights
 
@@ -213,7 +308,7 @@ def test_main_flags_set_the_model_and_launch_options(app_module, monkeypatch):
 
 def test_named_api_endpoints(app_module):
     names = {d.api_name for d in app_module.demo.fns.values()}
-    assert {"generate", "describe", "journey"} <= names
+    assert {"generate", "describe", "journey", "plan", "compose"} <= names
 
 
 # ----------------------------------------------------------------------------- journey.py

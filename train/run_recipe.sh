@@ -32,6 +32,5 @@ python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/va
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/vae-noise" --init "$RUN/vae-ft/vae" \
     --decoder-only --latent-noise 0.3 --steps 1500 --lr 1e-4 --resume latest
 echo "exported: $RUN-identity2/stage2/export; ship it as the default with:"
-echo "  python train/ship.py --export $RUN-identity2/stage2/export --vae $RUN/vae-noise/vae --sampler strength=0.6 \\"
-echo "      --sampler guidance_scale=2.0 --sampler 'negative_prompt=No significant interval change.' \\"
-echo "      --sampler change_transfer=true --to assets/biomedjourney-cxr"
+echo "  python train/ship.py --export $RUN-identity2/stage2/export --vae $RUN/vae-noise/vae --config $CONFIG \\"
+echo "      --to assets/biomedjourney-cxr    # sampler defaults: the preset's sampler: block"

@@ -1,8 +1,10 @@
 """Copy an exported pipeline folder into assets/ as fp16 safetensors (optionally with another autoencoder
-whose ENCODER is identical, e.g. the decoder-fine-tuned one), and print its size.
+whose ENCODER is identical, e.g. the decoder-fine-tuned one), with the sampler defaults of a training preset
+(its `sampler:` block is the one place they are written), and print its size.
 
-    python train/ship.py --export work/runs/demo-cpu/stage2/export --to assets/biomedjourney-cxr
+    python train/ship.py --export work/runs/demo-cpu/stage2/export --to assets/biomedjourney-cxr --config demo-cpu
     python train/ship.py --export work/runs/demo-cpu/stage1/export --vae work/runs/demo-cpu/vae-ft/vae --to assets/baselines/stage1
+    python train/ship.py --export assets/biomedjourney-cxr --to assets/biomedjourney-cxr --config demo-cpu   # new defaults only
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def main(argv=None):
     ap.add_argument("--to", required=True, type=Path)
     ap.add_argument("--vae", type=Path, default=None, help="autoencoder folder to ship instead (same encoder)")
     ap.add_argument("--note", default="", help="added to the model's info")
-    ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a shipped sampler default chosen on validation data, e.g. strength=0.6")
+    ap.add_argument("--config", default=None,
+                    help="training preset (name or YAML) whose sampler: block becomes the shipped defaults "
+                         "(default: keep the export's)")
     a = ap.parse_args(argv)
     pipe = BiomedJourneyPipeline.from_pretrained(a.export, device="cpu", dtype=torch.float32)
     if a.vae is not None:
@@ -42,7 +45,9 @@ def main(argv=None):
         pipe.info["autoencoder"] = str(a.vae)
     if a.note:
         pipe.info["note"] = a.note
-    pipe.defaults = pipe.defaults.with_overrides(a.sampler)
+    if a.config:
+        from train.config import load_config
+        pipe.defaults = load_config(a.config).sampler
     if a.to.exists():
         shutil.rmtree(a.to)
     pipe.save_pretrained(a.to, dtype=torch.float16)
