@@ -18,18 +18,22 @@ import shutil
 import tempfile
 import threading
 import time
+import typing
 import uuid
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 
-from biomedjourney import NOTICE, journey
+from biomedjourney import NOTICE, journey, masks, service
 from biomedjourney.config import ModelConfig, SamplerConfig
+from biomedjourney.findings import Finding, extract, render as canonical_text
+from biomedjourney.findings.schema import Change, FindingName, Severity, Side, Zone
 from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
                                    read_image, save_png, to_model_input)
 from biomedjourney.model import SCHEDULERS
 from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, default_model_path, denoising_steps,
-                                    progress_callback, read_defaults)
+                                    read_defaults)
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
 
 ROOT = Path(__file__).resolve().parent
@@ -38,14 +42,17 @@ FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"
 MAX_SAMPLES = min(8, MAX_IMAGES)
 SCHEDULER_LABELS = {"dpmsolver++": "DPM-Solver++ (fast, default)", "ddim": "DDIM (deterministic)",
                     "euler_a": "Euler ancestral (more varied)"}
-EXAMPLE_DESCRIPTIONS = [
-    "New right pleural effusion.", "Increasing left pleural effusion.", "Resolving bilateral pleural effusions.",
-    "New right lower lobe consolidation.", "Increasing left basilar consolidation.", "Resolving right consolidation.",
-    "New pulmonary edema.", "Worsening pulmonary edema.", "Improving pulmonary edema.",
-    "New cardiomegaly.", "Increasing cardiomegaly.", "Decreased heart size.",
-    "New right pneumothorax.", "Increasing left pneumothorax.", "Resolved right pneumothorax.",
-    NO_CHANGE,
-]
+# What the shipped model demonstrably does in the described region (assets/eval/rendering_check.json,
+# assets/MODEL_CARD.md). Cardiomegaly and pneumothorax (16 and 11 training images) only when the model's
+# default is to draw them from radiological knowledge first (sampler `render`).
+EXAMPLES_MODEL = ["New right pleural effusion.", "New left pleural effusion.", "Increasing left pleural effusion.",
+                  "New pulmonary edema.", "Worsening pulmonary edema.", "New right upper lobe consolidation.",
+                  "New left lower lobe consolidation."]
+EXAMPLES_RENDERED = ["Increasing cardiomegaly.", "New right pneumothorax."]
+SEED_MAX = 2**31 - 2
+COMPOSER_ROWS = 3
+CHANGE_COLOURS = {"new": "#ef4444", "increased": "#f97316", "decreased": "#3b82f6", "resolved": "#22c55e",
+                  "unchanged": "#9ca3af"}
 EXAMPLE_JOURNEY = "day 3: new right lower lobe consolidation\nday 7: increasing right consolidation\n" \
                   "day 14: resolving right consolidation"
 DISCLAIMER = f"⚠️ **{NOTICE}**"
@@ -123,10 +130,10 @@ def _check_description(description: str, what: str = "description") -> str:
     return text
 
 
-def _sampler(num_images, steps, guidance, image_guidance, scheduler, strength=None, transfer=None) -> dict:
+def _sampler(steps, guidance, image_guidance, scheduler, strength=None, transfer=None) -> dict:
     if scheduler not in SCHEDULERS:
         raise _error(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
-    return {"num_images": int(num_images), "num_inference_steps": int(steps),
+    return {"num_inference_steps": int(steps),
             "guidance_scale": float(guidance), "image_guidance_scale": float(image_guidance),
             "scheduler": scheduler, "strength": None if strength is None else float(strength),  # None: model default
             "change_transfer": None if transfer is None else bool(transfer)}
@@ -135,13 +142,60 @@ def _sampler(num_images, steps, guidance, image_guidance, scheduler, strength=No
 def _seed(seed, randomise: bool) -> int:
     if randomise:
         return random.SystemRandom().randrange(2**31 - 1)
-    if seed is None:
-        raise _error("The seed is empty: enter a whole number, or tick 'Random seed'.")
-    return int(seed)
+    if seed is None or seed == "":
+        raise _error("The seed is empty: enter a whole number, or tick 'Random seed'.", title="Seed")
+    try:
+        value = float(seed)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value.is_integer() and 0 <= value <= SEED_MAX):
+        raise _error(f"Seed must be a whole number from 0 to {SEED_MAX}, got {seed}. Change the Seed field, "
+                     "or tick 'Random seed'.", title="Seed")
+    return int(value)
 
 
-def _progress(progress, label: str, total: int):
-    return progress_callback(lambda i: progress((i, total), desc=label, unit="steps"))
+def _findings_chips(findings: list[Finding]) -> list[tuple[str, str | None]]:
+    """HighlightedText value: one coloured chip per finding (colour = its change), spaced."""
+    out: list[tuple[str, str | None]] = []
+    for f in findings:
+        out += [(f.chip(), f.change), ("  ", None)]
+    return out[:-1]
+
+
+def _notes_markdown(plan: service.EditPlan | None) -> str:
+    if plan is None:
+        return ""
+    where = {"findings": "the described findings on the prior's lungs", "painted": "your painted region",
+             "whole film": "the whole film"}[plan.mask_source]
+    lines = [f"**Read as:** {plan.canonical}  \n**May change:** {where}"]
+    lines += [f"- {n}" for n in plan.notes]
+    lines += [f"- drawn from knowledge: {r}" for r in plan.rendered]
+    return "\n".join(lines)
+
+
+def _alerts(plan: service.EditPlan, painted) -> list[str]:
+    """The notes worth a toast: unread text, rare findings, anatomy fallback, an oversized painted mask."""
+    out = list(plan.anatomy.warnings if plan.anatomy is not None else [])
+    out += masks.check_user_mask(painted)
+    out += [n for n in plan.notes if n.startswith("No finding recognised") or "training images" in n]
+    return out
+
+
+def _prior_input(prior_file):
+    """(pipe, the prior as the model sees it); gr.Error when the file or the model is missing."""
+    pipe = get_pipe()
+    return pipe, pipe.prepare_prior(_read_prior(prior_file))
+
+
+def _painted(paint: bool, canvas, size: int):
+    """The editor's paint layers -> the painted mask at the model's resolution; empty -> None (automatic region)."""
+    if not paint or not canvas:
+        return None
+    m = masks.painted_mask(canvas.get("layers"), size)
+    if m.max() <= 0:
+        gr.Warning(f"{masks.check_user_mask(m)[0]} Using the automatic region this time.", title="Painted region")
+        return None
+    return m
 
 
 def _info_markdown(img: LoadedImage, resolution: int, aspect: str) -> str:
@@ -192,41 +246,100 @@ def preview_prior(prior_file):
     return to_uint8(to_model_input(img.pixels, size, aspect)), _info_markdown(img, size, aspect)
 
 
-def generate(prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise,
-             scheduler, strength=None, transfer=None, request: gr.Request | None = None, progress=gr.Progress()):
-    """Prior + description -> follow-ups, heatmaps, comparison, settings and downloads."""
-    from biomedjourney.export import save_outputs
+def read_findings(description):
+    """Live, as the user types: the findings read from the description, as chips."""
+    text = (description or "").strip()
+    return _findings_chips([] if text == NO_CHANGE else extract(text))
 
+
+def preview_plan(prior_file, description, region, render):
+    """Prior or description changed -> (the prior with the edit mask tinted, the plan's notes)."""
+    if not prior_file:
+        return None, ""
+    try:
+        _, prior = _prior_input(prior_file)
+    except gr.Error:  # preview_prior / generate say why
+        return None, ""
+    plan = service.plan_edit(prior, description, [0], region=region, render=bool(render))
+    return masks.mask_overlay(prior, plan.mask), _notes_markdown(plan)
+
+
+def paint_canvas(paint, prior_file):
+    """'Paint my own region' -> the editor with the prior (as the model sees it) to paint on."""
+    if not paint or not prior_file:
+        return gr.update(visible=bool(paint), value=None)
+    _, prior = _prior_input(prior_file)
+    grey = to_uint8(prior)
+    return gr.update(visible=True, value={"background": grey, "layers": [], "composite": grey})
+
+
+def compose(description, *rows):
+    """Composer rows (finding, side, zone, severity, change) x N -> the canonical text added to the description."""
+    found = [Finding(name=r[0], side=r[1], zone=r[2], severity=r[3], change=r[4])
+             for r in (rows[i:i + 5] for i in range(0, len(rows), 5)) if r[0]]
+    if not found:
+        gr.Warning("Pick a finding in at least one row first.", title="Composer")
+        return gr.skip()
+    text = (description or "").strip()
+    return " ".join(t for t in (text if text != NO_CHANGE else "", canonical_text(found)) if t)
+
+
+class FollowUpView(NamedTuple):
+    """generate()'s outputs, in the order of the event's outputs."""
+    gallery: list
+    slider: tuple
+    heatmaps: list
+    mean_change: str
+    uncertainty: str
+    settings: dict
+    files: list[str]
+    zip: str
+    seed: int
+    state: dict
+    chips: list
+    notes: str
+    mask_preview: Any
+
+
+def generate(prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise,
+             scheduler, strength=None, transfer=None, region=None, render=None, paint=False, canvas=None,
+             request: gr.Request | None = None, progress=gr.Progress()) -> FollowUpView:
+    """Prior + description -> follow-ups, heatmaps, comparison, settings, downloads, findings and edit region."""
     description = _check_description(description)
     loaded = _read_prior(prior_file)
-    sampler = _sampler(num_images, steps, guidance, image_guidance, scheduler, strength, transfer)
+    sampler = _sampler(steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
     pipe = get_pipe()
-    t0 = time.perf_counter()
+    d = pipe.defaults
+    if render and sampler["strength"] == d.strength:  # slider untouched: the model's harmonisation strength
+        sampler["strength"] = None
+    painted = _painted(paint, canvas, pipe.resolution)
+    total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or d.strength)
     try:
-        total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or pipe.defaults.strength)
-        out = pipe(loaded, description, seed=seed, callback_on_step_end=_progress(progress, "Generating follow-ups", total),
-                   **sampler)
+        res = service.generate_followups(
+            pipe, loaded, description, seed=seed, num_images=int(num_images), sampler=sampler, region=region,
+            painted_mask=painted, render=render,
+            on_step=lambda i: progress((i, total), desc="Generating follow-ups", unit="steps"))
     except ValueError as e:
         raise _error(str(e), title="Invalid settings") from None
-    seconds = time.perf_counter() - t0
+    for alert in _alerts(res.plan, painted):
+        gr.Warning(alert, title="Note")
 
     progress(0.95, desc="Heatmaps and files")
-    folder = _run_folder(request, "followup")
-    files = [Path(p) for p in save_outputs(out, folder, prompt=description, dicom=True, source=loaded, heatmaps=True)]
-    prior, imgs = out.prior, out.images
-    n = len(imgs)
-    maps = [p for p in files if p.name.startswith("heatmap_")]  # per sample, mean change, uncertainty
-    zip_path = journey.make_zip(files, folder / "biomedjourney_followups.zip")
-
+    exp = service.export_followups(res, _run_folder(request, "followup"), source=loaded, dicom=True, heatmaps=True,
+                                   zip_name="biomedjourney_followups.zip")
     gallery = [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")
-               for i, (im, s) in enumerate(zip(imgs, out.seeds))]
-    heat_gallery = [(str(p), f"Sample {i + 1}") for i, p in enumerate(maps[:n])]
-    settings = {**out.settings, "generation_seconds": round(seconds, 2),
+               for i, (im, s) in enumerate(zip(res.images, res.seeds))]
+    heat = [(str(exp.heatmaps[f"sample{i + 1}"]), f"Sample {i + 1}") for i in range(len(res.images))]
+    settings = {**res.settings, "generation_seconds": round(res.seconds, 2),
                 "note": "image i is reproduced by seed = seeds[i] with 1 sample", "disclaimer": NOTICE}
-    state = {"prior": prior, "images": imgs, "seeds": out.seeds}
-    return (gallery, (to_uint8(prior), gallery[0][0]), heat_gallery, str(maps[n]), str(maps[n + 1]), settings,
-            [str(p) for p in files], str(zip_path), seed, state)
+    return FollowUpView(
+        gallery=gallery, slider=(to_uint8(res.prior), gallery[0][0]), heatmaps=heat,
+        mean_change=str(exp.heatmaps["mean_change"]), uncertainty=str(exp.heatmaps["uncertainty"]),
+        settings=settings, files=[str(p) for p in exp.files], zip=str(exp.zip), seed=seed,
+        state={"prior": res.prior, "images": res.images, "seeds": res.seeds},
+        chips=_findings_chips(res.plan.findings), notes=_notes_markdown(res.plan),
+        mask_preview=masks.mask_overlay(res.prior, res.plan.mask))
 
 
 def compare(state, evt: gr.SelectData):
@@ -273,11 +386,11 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     except ValueError as e:
         raise _error(str(e), title="Cannot read the journey") from None
     loaded = _read_prior(prior_file)
-    sampler = _sampler(1, steps, guidance, image_guidance, scheduler, strength, transfer)
+    sampler = _sampler(steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
     pipe = get_pipe()
     try:
-        outs = journey.generate_journey(pipe, loaded, [d for _, d in plan], seed=seed,
+        outs = journey.generate_journey(pipe, loaded, [d for _, d in plan], seed=seed, num_images=1,
                                         callback=lambda i, total: progress((i, total), desc="Generating the journey",
                                                                            unit="steps"), **sampler)
     except ValueError as e:
@@ -306,12 +419,12 @@ def on_load():
     try:
         pipe = get_pipe()
     except gr.Error as e:
-        return [gr.skip()] * 8 + [f"❌ **Model not available.** {e.message}"]
+        return [gr.skip()] * 10 + [f"❌ **Model not available.** {e.message}"]
     d = pipe.defaults
     note = pipe.info.get("note", "") if isinstance(pipe.info, dict) else ""
     status = f"Model: `{pipe.model_id}` · {pipe.resolution}×{pipe.resolution} px" + (f" · {note}" if note else "")
     return [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale, d.strength,
-            d.change_transfer, d.seed, d.scheduler, status]
+            d.change_transfer, d.seed, d.scheduler, d.region, d.render, status]
 
 
 # ======================================================================== layout
@@ -325,6 +438,11 @@ CSS = """
 THEME = gr.themes.Soft(primary_hue="blue")
 
 _d = initial_defaults()
+EXAMPLE_DESCRIPTIONS = EXAMPLES_MODEL + (EXAMPLES_RENDERED if _d.render else []) + [NO_CHANGE]
+EXAMPLES_NOTE = ("<sub>The shipped model itself draws effusion, edema and consolidation inside the described region. "
+                 "With 'Draw the finding from radiological knowledge' it also draws cardiomegaly and pneumothorax "
+                 "(few training images): a knowledge-driven rendering harmonised by the model. See the model card "
+                 "(assets/MODEL_CARD.md).</sub>")
 with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(3600, 24 * 3600)) as demo:
     gr.Markdown("# BiomedJourney\nUpload a prior chest X-ray, describe a change, and see synthetic "
                 "follow-up images with maps of what changed and how sure the model is.")
@@ -350,9 +468,27 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                 with gr.Column(scale=3):
                     description = gr.Textbox(label="Describe the change (editable)", lines=2, max_lines=6,
                                              placeholder="e.g. New right pleural effusion.")
+                    chips = gr.HighlightedText(label="Findings read from the description", elem_id="chips",
+                                               color_map=CHANGE_COLOURS, show_inline_category=False,
+                                               show_legend=False, interactive=False)
+                    plan_notes = gr.Markdown(elem_id="plan-notes")
                     gr.Examples(examples=[[t] for t in EXAMPLE_DESCRIPTIONS], inputs=[description],
                                 label="Example descriptions (click to use)",
                                 examples_per_page=len(EXAMPLE_DESCRIPTIONS))
+                    gr.Markdown(EXAMPLES_NOTE, elem_id="examples-note")
+                    with gr.Accordion("Compose the description", open=False):
+                        composer = []
+                        for _ in range(COMPOSER_ROWS):
+                            with gr.Row():
+                                composer += [
+                                    gr.Dropdown(typing.get_args(FindingName), value=None, label="Finding",
+                                                min_width=150),
+                                    gr.Dropdown(typing.get_args(Side), value="none", label="Side", min_width=90),
+                                    gr.Dropdown(typing.get_args(Zone), value="none", label="Zone", min_width=90),
+                                    gr.Dropdown(typing.get_args(Severity), value="none", label="Severity",
+                                                min_width=90),
+                                    gr.Dropdown(typing.get_args(Change), value="new", label="Change", min_width=90)]
+                        compose_btn = gr.Button("Add to description", elem_id="compose")
                     with gr.Accordion("Write it from reports", open=False):
                         prior_report = gr.Textbox(label="Prior report", lines=3)
                         followup_report = gr.Textbox(label="Follow-up report", lines=3)
@@ -364,7 +500,22 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                         describe_btn = gr.Button("Describe the change")
                         describe_info = gr.Markdown()
                 with gr.Column(scale=2):
+                    mask_preview = gr.Image(label="Where it may change (orange)", type="numpy", format="png",
+                                            interactive=False, height=300, elem_id="mask-preview")
+                    paint = gr.Checkbox(value=False, label="Paint my own region",
+                                        info="Paint where the film may change (brush adds, eraser removes); "
+                                             "an empty canvas uses the automatic region above.")
+                    canvas = gr.ImageEditor(label="Your region", type="numpy", image_mode="RGBA", format="png",
+                                            sources=[], transforms=[], visible=False, height=360,
+                                            brush=gr.Brush(colors=["#ff8c00"], color_mode="fixed"),
+                                            eraser=gr.Eraser(), layers=False, elem_id="canvas")
                     with gr.Accordion("Settings", open=True):
+                        region = gr.Radio([("The described region", "auto"), ("The whole film", "off")],
+                                          value=_d.region, label="Restrict to the described region",
+                                          info="Only the finding's region (or your painted one) may change.")
+                        render = gr.Checkbox(value=_d.render, label="Draw the finding from radiological knowledge",
+                                             info="A knowledge-driven rendering of the finding, harmonised by the "
+                                                  "model; labelled as such in the settings file.")
                         num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
                                                info="More samples show where the model is unsure (uncertainty map).")
                         steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",
@@ -375,15 +526,16 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
                                                    label="Image guidance",
                                                    info="Higher stays closer to the prior image (less change).")
                         strength = gr.Slider(0.05, 1.0, value=_d.strength, step=0.05, label="Change allowed (strength)",
-                                             info="1 starts from pure noise; lower starts from the noised prior and "
-                                                  "keeps more of it (SDEdit).")
+                                             info="1 starts from pure noise; lower keeps more of the prior (SDEdit). "
+                                                  "Left at the default, a knowledge-driven drawing uses the model's "
+                                                  "harmonisation strength.")
                         transfer = gr.Checkbox(value=_d.change_transfer, label="Keep the prior's detail",
                                                info="On: the prior plus only the change the model draws for the "
                                                     "description (its sample minus its no-change sample, same noise). "
                                                     "Off: the model's whole redrawn image.")
                         with gr.Row():
-                            seed = gr.Number(value=_d.seed, precision=0, minimum=0, maximum=2**31 - 2, label="Seed",
-                                             info="Same seed + settings = same images.")
+                            seed = gr.Number(value=_d.seed, precision=None, label="Seed",
+                                             info=f"A whole number, 0 to {SEED_MAX}. Same seed + settings = same images.")
                             randomise = gr.Checkbox(value=False, label="Random seed each run")
                         scheduler = gr.Dropdown([(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS],
                                                 value=_d.scheduler, label="Scheduler")
@@ -439,10 +591,19 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
 
     # ---------------------------------------------------------------- events
     prior_file.change(preview_prior, prior_file, [preview, prior_info], api_name="preview")
+    description.change(read_findings, description, chips, queue=False, show_progress="hidden",
+                       api_visibility="private")
+    gr.on([prior_file.change, description.change, region.change, render.change], preview_plan,
+          [prior_file, description, region, render], [mask_preview, plan_notes], trigger_mode="always_last",
+          show_progress="minimal", show_progress_on=mask_preview, api_name="plan")
+    gr.on([paint.change, prior_file.change], paint_canvas, [paint, prior_file], canvas,
+          trigger_mode="always_last", api_visibility="private")
+    compose_btn.click(compose, [description, *composer], description, api_name="compose")
     generate_btn.click(
         generate, [prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise, scheduler,
-                   strength, transfer],
-        [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state],
+                   strength, transfer, region, render, paint, canvas],
+        [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state,
+         chips, plan_notes, mask_preview],
         api_name="generate", scroll_to_output=True, concurrency_id="model",
         show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
     gallery.select(compare, state, slider, api_visibility="private", queue=False)
@@ -455,7 +616,7 @@ with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=
         [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
         concurrency_id="model", show_progress_on=[strip_img, gif_img])
     demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, transfer, seed, scheduler,
-                              model_status],
+                              region, render, model_status],
               api_visibility="private")
     demo.unload(_cleanup_session)
 

@@ -215,9 +215,11 @@ LUNG_AREA_RANGE = (0.03, 0.45)
 
 
 def segmenter_path() -> Path:
-    """Where the shipped segmenter lives: $BIOMEDJOURNEY_SEGMENTER, else assets/segmenter next to the package."""
-    env = os.environ.get(SEGMENTER_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "assets" / "segmenter"
+    """Where the shipped segmenter lives: $BIOMEDJOURNEY_SEGMENTER, else the copy packaged in the wheel
+    (biomedjourney/_assets/segmenter), else the repository's assets/segmenter (editable install);
+    FileNotFoundError naming all three when none exists (segment() then uses the average anatomy)."""
+    from .resources import asset_path
+    return asset_path("segmenter", SEGMENTER_ENV)
 
 
 class Segmenter:

@@ -47,6 +47,31 @@ def missing_data_reason(path: str | os.PathLike | None = None) -> str:
             f"set {DATA_ENV} to the dataset folder")
 
 
+def missing_data_help(path: str | os.PathLike | None = None) -> str:
+    """What a command line prints when the dataset is absent: where it is looked for and what it must hold."""
+    if path:
+        where = f"--data {path}"
+    elif os.environ.get(DATA_ENV):
+        where = f"${DATA_ENV}={os.environ[DATA_ENV]}"
+    else:
+        where = f"the default ../shared/data/cxr next to the repository ({DEFAULT_DATA})"
+    return (f"error: no CXR dataset at {data_root(path)} (from {where}): it needs images.csv and pairs.csv.\n"
+            f"The dataset folder is --data DIR, else ${DATA_ENV}, else ../shared/data/cxr next to the "
+            "repository. Its format (images.csv: one row per 256x256 PNG under images/; pairs.csv: "
+            "prior -> follow-up pairs of one patient with progression_text) is described in the README.md "
+            "of the dataset folder; train/prepare_data.py reads the same format. Example:\n"
+            f"  {DATA_ENV}=/path/to/cxr python -m biomedjourney.evaluate --split val --out eval/")
+
+
+def require_data(path: str | os.PathLike | None = None) -> Path:
+    """The dataset folder, or exit with status 2 and missing_data_help() on stderr (for command lines)."""
+    if not has_data(path):
+        import sys
+        print(missing_data_help(path), file=sys.stderr)
+        raise SystemExit(2)
+    return data_root(path)
+
+
 def patient_group(patient_id: str) -> str:
     """Representative id of a patient's same-person group (itself when it has none)."""
     return _GROUP_OF.get(patient_id, patient_id)

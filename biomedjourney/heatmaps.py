@@ -24,7 +24,10 @@ from matplotlib.figure import Figure
 
 DIFF_CMAP = "RdBu_r"      # diverging, red = positive; centred at 0 by a symmetric norm
 STD_CMAP = "inferno"      # sequential for the (non-negative) std map
-VMAX_PERCENTILE = 99.0    # robust colour range: the 99th percentile of |map| ...
+FIXED_VMAX = {"difference": 0.25, "std": 0.125}  # default colour range (scale='fixed'): the same for every
+                          # image, so a faint change looks faint; 0.25 = a quarter of the grey range (0-1)
+SCALES = ("fixed", "robust")
+VMAX_PERCENTILE = 99.0    # scale='robust' (per image): the 99th percentile of |map| ...
 DIFF_VMAX_FLOOR = 0.05    # ... but never below 5% of the grey range (~13/255) for a difference,
 STD_VMAX_FLOOR = 0.03     # ... or 3% for a std: pure sampling noise then stays faint, not full colour
 TRANSPARENT_BELOW = 0.15  # |map| < 15% of vmax is fully transparent (the prior shows through)
@@ -36,8 +39,10 @@ LEGEND = {
     "std": "bright: samples disagree (uncertain change)\n"
            "transparent: samples agree",
 }
-AXES_RECT = (0.03, 0.12, 0.78, 0.751)  # image axes (left, bottom, width, height) in figure fractions
-FIGSIZE = (5.2, 5.4)                  # inches; the image axes are square at this size
+AXES_RECT = (0.03, 0.12, 0.6875, 0.751)  # image axes (left, bottom, width, height) in figure fractions
+FIGSIZE = (5.9, 5.4)                  # inches; the image axes are square at this size, and the colorbar's
+                                      # two-line label fits inside the right edge (tests check the bbox)
+CBAR_RECT = (0.75, AXES_RECT[1] + 0.06, 0.03, AXES_RECT[3] - 0.12)
 DPI = 100
 
 
@@ -87,9 +92,32 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be 'difference' or 'std', got {kind!r}")
 
 
+def colour_range(signed_map: np.ndarray, kind: str = "difference", scale: str = "fixed",
+                 vmax: float | None = None) -> float:
+    """The vmax a map is drawn with: ``vmax`` when given; scale='fixed' -> FIXED_VMAX[kind] (the same for
+    every image: comparable across samples and runs); scale='robust' -> robust_vmax (per image)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be 'fixed' or 'robust', got {scale!r}")
+    if vmax is not None:
+        if not float(vmax) > 0:
+            raise ValueError(f"vmax must be > 0, got {vmax!r}")
+        return float(vmax)
+    return FIXED_VMAX[kind] if scale == "fixed" else robust_vmax(signed_map, kind)
+
+
+def scale_label(kind: str, vmax: float, scale: str) -> str:
+    """The colorbar label: what is shown, the numeric range and whether it is fixed or per image."""
+    what = "follow-up − prior" if kind == "difference" else "std across samples"
+    rng = f"±{vmax:.3g}" if kind == "difference" else f"0–{vmax:.3g}"
+    how = "fixed scale" if scale == "fixed" else "per-image scale (99th pct)"
+    return f"{what} (grey levels 0–1)\n{how}: {rng}"
+
+
 def overlay_rgb(prior: np.ndarray, signed_map: np.ndarray, *, vmax: float | None = None,
-                kind: str = "difference", smooth: float = SMOOTH_SIGMA) -> tuple[np.ndarray, float]:
+                kind: str = "difference", smooth: float = SMOOTH_SIGMA,
+                scale: str = "fixed") -> tuple[np.ndarray, float]:
     """The map composited on the grey prior, no decorations: ((H, W, 3) float32 [0, 1], vmax used).
+    The colour range is ``colour_range(map, kind, scale, vmax)``: fixed by default.
 
     Colour = cmap(map / vmax); opacity ramps from 0 at TRANSPARENT_BELOW * vmax to MAX_ALPHA at vmax.
     """
@@ -99,7 +127,7 @@ def overlay_rgb(prior: np.ndarray, signed_map: np.ndarray, *, vmax: float | None
     if smooth > 0:
         from scipy.ndimage import gaussian_filter
         m = gaussian_filter(m, smooth)
-    vmax = robust_vmax(m, kind) if vmax is None else float(vmax)
+    vmax = colour_range(m, kind, scale, vmax)
     if kind == "difference":
         norm, cmap = Normalize(-vmax, vmax), colormaps[DIFF_CMAP]
     else:
@@ -112,45 +140,56 @@ def overlay_rgb(prior: np.ndarray, signed_map: np.ndarray, *, vmax: float | None
 
 
 def overlay_figure(prior: np.ndarray, signed_map: np.ndarray, *, title: str, vmax: float | None = None,
-                   kind: str = "difference", smooth: float = SMOOTH_SIGMA) -> np.ndarray:
+                   kind: str = "difference", smooth: float = SMOOTH_SIGMA, scale: str = "fixed") -> np.ndarray:
     """A rendered figure: the overlay (see overlay_rgb), a title, a colorbar and a legend.
 
     kind='difference': diverging RdBu_r centred at 0 (red = brighter in follow-up);
-    kind='std': sequential inferno from 0. vmax=None -> robust_vmax (99th percentile of |map|,
-    floored). Returns (H, W, 3) uint8, (540, 520, 3) at FIGSIZE and DPI; the image sits in AXES_RECT.
+    kind='std': sequential inferno from 0. Colour range: scale='fixed' (default) -> FIXED_VMAX[kind],
+    the same for every image; scale='robust' -> robust_vmax (99th percentile of |map|, floored, per
+    image); an explicit vmax wins (and is labelled fixed). The colorbar label states the range and
+    which scale. Returns (H, W, 3) uint8, (540, 590, 3) at FIGSIZE and DPI; the image sits in AXES_RECT.
     """
-    rgb, vmax = overlay_rgb(prior, signed_map, vmax=vmax, kind=kind, smooth=smooth)
+    fig = figure(prior, signed_map, title=title, vmax=vmax, kind=kind, smooth=smooth, scale=scale)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8
+
+
+def figure(prior: np.ndarray, signed_map: np.ndarray, *, title: str, vmax: float | None = None,
+           kind: str = "difference", smooth: float = SMOOTH_SIGMA, scale: str = "fixed") -> Figure:
+    """The matplotlib Figure (on an Agg canvas, not yet drawn) that overlay_figure renders."""
+    shown = "robust" if scale == "robust" and vmax is None else "fixed"  # an explicit vmax is a fixed scale
+    rgb, vmax = overlay_rgb(prior, signed_map, vmax=vmax, kind=kind, smooth=smooth, scale=scale)
     fig = Figure(figsize=FIGSIZE, dpi=DPI, facecolor="white")
-    canvas = FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
     ax = fig.add_axes(AXES_RECT)
     ax.imshow(rgb, interpolation="bilinear")
     ax.set_axis_off()
     ax.set_title(title, fontsize=13)
-    cax = fig.add_axes((0.84, AXES_RECT[1] + 0.06, 0.035, AXES_RECT[3] - 0.12))
+    cax = fig.add_axes(CBAR_RECT)
     if kind == "difference":
         sm = ScalarMappable(Normalize(-vmax, vmax), colormaps[DIFF_CMAP])
-        label = "follow-up − prior (grey levels, 0–1)"
     else:
         sm = ScalarMappable(Normalize(0.0, vmax), colormaps[STD_CMAP])
-        label = "std across samples (grey levels)"
-    fig.colorbar(sm, cax=cax).set_label(label, fontsize=10)
+    fig.colorbar(sm, cax=cax).set_label(scale_label(kind, vmax, shown), fontsize=9)
     cax.tick_params(labelsize=9)
     fig.text(0.03, 0.02, LEGEND[kind], fontsize=10.5, va="bottom", ha="left")
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 3) uint8
+    return fig
 
 
-def output_figures(prior: np.ndarray, images: Sequence[np.ndarray], seeds: Sequence[int]) -> dict[str, np.ndarray]:
+def output_figures(prior: np.ndarray, images: Sequence[np.ndarray], seeds: Sequence[int], *,
+                   scale: str = "fixed") -> dict[str, np.ndarray]:
     """The standard figures of one generation: a difference map per sample, the mean change and the
-    uncertainty (std across samples), as {file name: (H, W, 3) uint8}; one definition for app, CLI, API."""
+    uncertainty (std across samples), as {file name: (H, W, 3) uint8}; one definition for app, CLI, API.
+    scale='fixed' (default): every figure of every run uses FIXED_VMAX, so colours compare across samples
+    and runs and a faint change stays faint; scale='robust': each figure stretched to its own range."""
     n = len(images)
     figures = {f"heatmap_sample{i + 1}.png": overlay_figure(
-        prior, difference(prior, im), title=f"Sample {i + 1} (seed {s}): follow-up − prior")
+        prior, difference(prior, im), title=f"Sample {i + 1} (seed {s}): follow-up − prior", scale=scale)
         for i, (im, s) in enumerate(zip(images, seeds))}
     figures["heatmap_mean_change.png"] = overlay_figure(
-        prior, mean_change(prior, images), title=f"Mean change over {n} sample{'s' * (n > 1)}")
+        prior, mean_change(prior, images), title=f"Mean change over {n} sample{'s' * (n > 1)}", scale=scale)
     figures["heatmap_uncertainty.png"] = overlay_figure(
-        prior, uncertainty(images), kind="std",
+        prior, uncertainty(images), kind="std", scale=scale,
         title="Uncertainty: std across samples" if n > 1 else "Uncertainty needs ≥ 2 samples")
     return figures
 
@@ -162,5 +201,6 @@ def axes_box(shape: tuple[int, int]) -> tuple[int, int, int, int]:
     return (round(left * w), round((1 - bottom - height) * h), round((left + width) * w), round((1 - bottom) * h))
 
 
-__all__ = ["difference", "mean_change", "uncertainty", "robust_vmax", "overlay_rgb", "overlay_figure",
+__all__ = ["difference", "mean_change", "uncertainty", "robust_vmax", "colour_range", "scale_label",
+           "FIXED_VMAX", "overlay_rgb", "overlay_figure",
            "output_figures", "axes_box", "LEGEND"]

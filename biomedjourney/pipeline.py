@@ -47,8 +47,10 @@ MAX_IMAGES = 16
 
 
 def default_model_path() -> Path:
-    """$BIOMEDJOURNEY_MODEL if set, else the model shipped in assets/."""
-    return Path(os.environ.get(MODEL_ENV) or ASSETS / "biomedjourney-cxr")
+    """$BIOMEDJOURNEY_MODEL if set, else the model packaged in the wheel (biomedjourney/_assets/), else the
+    repository's assets/ (editable install); FileNotFoundError naming all three when none exists."""
+    from .resources import asset_path
+    return asset_path("biomedjourney-cxr", MODEL_ENV)
 
 
 @dataclass

@@ -12,6 +12,7 @@ low strength (SDEdit); every such image says so in its settings and sidecar.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,15 +73,29 @@ class FollowUps:
                                 mask=self.plan.mask)
 
 
-def _rare_notes(findings: list[Finding]) -> list[str]:
+def _rare_notes(findings: list[Finding], render: bool) -> list[str]:
     out = []
     for f in findings:
         n = TRAINING_IMAGES.get(f.name, 0)
         if n < RARE_BELOW and f.change != "unchanged":
+            drawn = render and f.name in _rendered_names()
             out.append(f"{f.name}: {n} training images; the model itself draws little of it"
-                       + (" (drawn from radiological knowledge instead)" if f.name in _rendered_names() else
-                          "; expect little change"))
+                       + (" (drawn from radiological knowledge instead)" if drawn else "; expect little change"))
     return out
+
+
+_SIDE_WORDS = re.compile(r"\b(right|left)\b", re.I)
+
+
+def _side_notes(text: str, findings: list[Finding]) -> list[str]:
+    """'right ... left' in one description but a finding read as one side only: say how it was read."""
+    words = {w.lower() for w in _SIDE_WORDS.findall(text)}
+    one_sided = [f for f in findings if f.side in ("right", "left")]
+    if words == {"right", "left"} and one_sided and not any(f.side == "bilateral" for f in findings) \
+            and len({f.side for f in one_sided}) == 1:
+        return [f"The description names both right and left, but it was read as {one_sided[0].chip()}: check the "
+                "chips, or use the composer to set each finding's side."]
+    return []
 
 
 def _rendered_names() -> frozenset:
@@ -119,7 +134,7 @@ def plan_edit(prior_img: np.ndarray, description: str, seeds: list[int], *, regi
     if text and text != NO_CHANGE and not findings:
         notes.append(f"No finding recognised in {text!r}: the model gets your words as written and the whole film "
                      "may change. Use the composer or name a finding (effusion, edema, consolidation, ...).")
-    notes += _rare_notes(changing)
+    notes += _rare_notes(changing, render) + _side_notes(text, findings)
     mask, source, anatomy = _region(changing, prior_img, painted_mask, region, notes)
     plan = EditPlan(findings=findings, canonical=render_text(findings), mask=mask, mask_source=source,
                     anatomy=anatomy, notes=notes)

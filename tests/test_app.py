@@ -181,11 +181,11 @@ def test_mask_preview_tints_the_region_and_lists_the_notes(app_module, small_png
     assert app_module.preview_plan(None, "x", "auto", False) == (None, "")
 
 
-def test_paint_canvas_is_prefilled_with_the_prior_and_the_automatic_mask(app_module, small_png):
-    up = app_module.paint_canvas(True, small_png, "New right pleural effusion.", "auto")
-    assert up["visible"] is True
-    assert up["value"]["background"].shape == (64, 64) and up["value"]["layers"][0].shape == (64, 64, 4)
-    assert app_module.paint_canvas(False, small_png, "x", "auto")["visible"] is False
+def test_paint_canvas_shows_the_prior_as_the_model_sees_it(app_module, small_png):
+    up = app_module.paint_canvas(True, small_png)
+    assert up["visible"] is True and up["value"]["layers"] == []
+    assert up["value"]["background"].shape == (64, 64)     # painted at the model-input frame
+    assert app_module.paint_canvas(False, small_png)["visible"] is False
 
 
 def _canvas(mask):

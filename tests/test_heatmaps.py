@@ -83,8 +83,9 @@ def test_robust_vmax_is_a_percentile_with_a_noise_floor():
 # ----------------------------------------------------------------------------- rendering
 def test_overlay_rgb_is_the_prior_where_nothing_changed():
     p = _prior()
-    rgb, vmax = hm.overlay_rgb(p, hm.difference(p, _followup(p)), smooth=0)
+    rgb, vmax = hm.overlay_rgb(p, hm.difference(p, _followup(p)), smooth=0, scale="robust")
     assert vmax == pytest.approx(0.3, rel=1e-3)
+    assert hm.overlay_rgb(p, hm.difference(p, _followup(p)), smooth=0)[1] == hm.FIXED_VMAX["difference"]
     np.testing.assert_allclose(rgb[:10], np.repeat(p[:10, :, None], 3, axis=2), atol=1e-6)  # untouched rows
     r, g, b = rgb[30, 15]
     assert r > b + 0.2 and r > g + 0.2            # brighter -> red
@@ -125,3 +126,41 @@ def test_std_overlay_colours_only_where_samples_disagree():
     assert max(r, g, b) - min(r, g, b) > 60       # coloured
     r, g, b = _figure_pixel(fig, 50, 50)
     assert max(r, g, b) - min(r, g, b) <= 3       # grey
+
+
+# ----------------------------------------------------------------------------- colour scale
+def test_fixed_scale_is_the_same_for_different_change_magnitudes():
+    p = _prior()
+    faint, strong = hm.difference(p, _followup(p, 0.03)), hm.difference(p, _followup(p, 0.3))
+    assert hm.overlay_rgb(p, faint)[1] == hm.overlay_rgb(p, strong)[1] == hm.FIXED_VMAX["difference"] == 0.25
+    assert hm.colour_range(faint, "std") == hm.colour_range(strong, "std") == hm.FIXED_VMAX["std"]
+    # the per-image (robust) scale is the option that differs
+    assert hm.overlay_rgb(p, faint, scale="robust")[1] < hm.overlay_rgb(p, strong, scale="robust")[1]
+    # a faint change stays faint on the fixed scale (but is stretched to full colour per image)
+    faint_fixed = hm.overlay_figure(p, faint, title="faint")
+    faint_robust = hm.overlay_figure(p, faint, title="faint", scale="robust")
+    spread = lambda fig: int(np.ptp(_figure_pixel(fig, 30, 15)))  # noqa: E731
+    assert spread(faint_fixed) <= 12 and spread(faint_robust) > 60
+    assert spread(hm.overlay_figure(p, strong, title="strong")) > 60
+    with pytest.raises(ValueError, match="scale"):
+        hm.colour_range(faint, scale="auto")
+
+
+def test_figure_states_the_scale_and_nothing_is_clipped():
+    p = _prior()
+    m = hm.difference(p, _followup(p, 0.1))
+    for kw, needle in [({}, "fixed scale: ±0.25"), ({"scale": "robust"}, "per-image scale"),
+                       ({"vmax": 0.5}, "fixed scale: ±0.5"), ({"kind": "std"}, "fixed scale: 0–0.125")]:
+        arg = np.abs(m) if kw.get("kind") == "std" else m
+        fig = hm.figure(p, arg, title="Sample 1 (seed 0): follow-up − prior", **kw)
+        fig.canvas.draw()
+        cax = fig.axes[1]
+        label = cax.yaxis.label
+        assert needle in label.get_text(), (kw, label.get_text())
+        renderer = fig.canvas.get_renderer()
+        box, page = fig.get_tightbbox(renderer), fig.bbox_inches
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 - 0.05, (kw, box, page)  # inches, >= 5 px margin
+        assert page.y0 <= box.y0 and box.y1 <= page.y1, (kw, box, page)
+        lab = label.get_window_extent(renderer)
+        assert 0 <= lab.x0 and lab.x1 <= fig.bbox.x1 - 5 and 0 <= lab.y0 and lab.y1 <= fig.bbox.y1, (kw, lab)
+    assert hm.overlay_figure(p, m, title="x").shape == (540, 590, 3)

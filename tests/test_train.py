@@ -180,3 +180,18 @@ def test_stage2_with_identity_rows_rebuilds_a_cache_without_the_no_change_prompt
     shutil.rmtree(tmp_path / "stage2")
     _train(tiny_prep, tmp_path, 2, identity_prob=0.5)
     assert _keys([NO_CHANGE])[0] in load_file(cache_path)["text_keys"]
+
+
+def test_conditioning_dropout_proportions_match_instructpix2pix():
+    """5 % text only, 5 % image only, 5 % both (InstructPix2Pix §3.2.1); stage 1 always drops the prior."""
+    from train.config import DiffusionTrain
+    from train.train import conditioning_dropout
+    tc = DiffusionTrain(drop_text=0.05, drop_image=0.05, drop_both=0.05)
+    text, image = conditioning_dropout(200_000, tc, stage=2, g=torch.Generator().manual_seed(0))
+    both = (text & image).float().mean().item()
+    text_only = (text & ~image).float().mean().item()
+    image_only = (image & ~text).float().mean().item()
+    assert abs(both - 0.05) < 0.003 and abs(text_only - 0.05) < 0.003 and abs(image_only - 0.05) < 0.003
+    assert abs(text.float().mean().item() - 0.10) < 0.004 and abs(image.float().mean().item() - 0.10) < 0.004
+    _, image1 = conditioning_dropout(1000, tc, stage=1, g=torch.Generator().manual_seed(0))
+    assert image1.all()

@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..dataset import require_data
 from . import table
 from .run import EvalConfig, evaluate
 
@@ -54,10 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--negative-prompt", default=None, help="same negative prompt for every row (default: each model's)")
     ap.add_argument("--change-transfer", choices=["true", "false"], default=None,
                     help="same change-transfer setting for every row (default: each model's)")
+    ap.add_argument("--region", choices=["auto", "off"], default=None,
+                    help="same edit-region setting for every row (default: each model's)")
+    ap.add_argument("--render", choices=["true", "false"], default=None,
+                    help="same knowledge-driven rendering setting for every row (default: each model's)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
     ap.add_argument("--no-register-metrics", action="store_true", help="skip SSIM/PSNR against the registered follow-up")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args(argv)
+    require_data(a.data)  # exit 2 with where the data comes from, before any model is loaded
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                      image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength,
                      negative_prompt=a.negative_prompt, seed=a.seed,
                      change_transfer=None if a.change_transfer is None else a.change_transfer == "true",
+                     region=a.region, render=None if a.render is None else a.render == "true",
                      register=not a.no_register_metrics, rows=parse_rows(a.row),
                      shipped_baselines=not a.no_shipped_baselines)
     t0 = time.time()

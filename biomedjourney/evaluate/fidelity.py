@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import NO_CHANGE, to_dict
-from ..dataset import data_root
+from ..dataset import data_root, require_data
 from ..imaging import read_image, to_model_input
 # the lung-and-heart evaluation mask: one home, biomedjourney.masks (re-exported for fidelity's importers)
 from ..masks import LUNG_HEART, inside_fraction, lung_mask  # noqa: F401
@@ -183,6 +183,7 @@ def main(argv=None):
     ap.add_argument("--text-scales", type=float, nargs="+", default=[3.0], help="--tune grid")
     ap.add_argument("--negative-prompts", nargs="+", default=[""], help="--tune grid ('' = the empty prompt)")
     a = ap.parse_args(argv)
+    require_data(a.data)  # exit 2 with where the data comes from, before the model is loaded
     pipe = BiomedJourneyPipeline.from_pretrained(a.model, device="cpu")
     pipe.defaults = pipe.defaults.with_overrides(a.sampler)
     if a.tune:

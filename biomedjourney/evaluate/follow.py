@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ..pipeline import BiomedJourneyPipeline, default_model_path
     from .evaluators import load_evaluators
+    from ..dataset import require_data
     a, t0 = parse(argv), time.time()
+    require_data(a.data)  # exit 2 with where the data comes from, before the model is loaded
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model_path())
     pipe = BiomedJourneyPipeline.from_pretrained(model, device="cpu")

@@ -40,6 +40,8 @@ class EvalConfig:
     strength: float | None = None           # None: each model's default (1 = from noise; <1 from the noised prior)
     negative_prompt: str | None = None      # None: each model's default ("" or the no-change text)
     change_transfer: bool | None = None     # None: each model's default (True: prior + the generated change)
+    region: str | None = None               # None: each model's default ('auto': only the described region changes)
+    render: bool | None = None              # None: each model's default (knowledge-driven rendering, harmonised)
     seed: int = 0                           # base of the per-pair generation seeds
     register: bool = True                   # also score against the registered follow-up
     grid_pairs: int = 4                     # pairs shown in samples.png
@@ -188,14 +190,19 @@ def pair_seed(base: int, pair_id: str) -> int:
 
 def generate_row(pipe, pd: PairData, cfg: EvalConfig, text_only: bool, desc: str) -> tuple[np.ndarray, float]:
     """(replicates, N, R, R) images and generation seconds."""
+    from ..service import generate_followups
     t0, reps = time.time(), []
+    sampler = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   image_guidance_scale=cfg.image_guidance_scale, scheduler=cfg.scheduler, strength=cfg.strength,
+                   negative_prompt=cfg.negative_prompt, change_transfer=cfg.change_transfer)
     for i in tqdm(range(len(pd.pair_ids)), desc=desc):
-        out = pipe(None if text_only else pd.prior[i], pd.texts[i], num_images=cfg.replicates,
-                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                   image_guidance_scale=cfg.image_guidance_scale, seed=pair_seed(cfg.seed, pd.pair_ids[i]),
-                   scheduler=cfg.scheduler, strength=cfg.strength, negative_prompt=cfg.negative_prompt,
-                   change_transfer=cfg.change_transfer)
-        reps.append(np.stack(out.images))                                  # (K, R, R)
+        seed = pair_seed(cfg.seed, pd.pair_ids[i])
+        if text_only:  # no prior: nothing to restrict, the pipeline itself
+            images = pipe(None, pd.texts[i], num_images=cfg.replicates, seed=seed, **sampler).images
+        else:          # what a user gets: the service (edit region from the findings, optional rendering)
+            images = generate_followups(pipe, pd.prior[i], pd.texts[i], seed=seed, num_images=cfg.replicates,
+                                        sampler=sampler, region=cfg.region, render=cfg.render).images
+        reps.append(np.stack(images))                                      # (K, R, R)
     return np.stack(reps, 1), time.time() - t0                             # (K, N, R, R)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..dataset import data_root, has_data, load_images, load_pairs, missing_data_reason, patient_group
+from ..dataset import data_root, has_data, load_images, load_pairs, missing_data_reason, patient_group, require_data
 from .run import load_row
 from .evaluators import (ASSETS_EVALUATORS, EvaluatorConfig, Evaluators, label_targets, observed_labels,
                          save_evaluators, standardise)
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--resolution", type=int, default=EvaluatorConfig.resolution)
     a = ap.parse_args(argv)
+    require_data(a.data)  # exit 2 with where the data comes from
     tc = dataclasses.replace(d, steps=a.steps, max_minutes=a.max_minutes, seed=a.seed, threads=a.threads)
     train(a.data, Path(a.out), tc, EvaluatorConfig(resolution=a.resolution))
 

@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/bench_sampling.py's measurement functions on the tiny pipeline (seconds):
+the peer (diffusers' StableDiffusionInstructPix2PixPipeline on our unet/vae) and ours give images of
+the right shape, and at equal settings with an all-ones attention mask (IP2P passes none) the same
+images: same UNet, same scheduler, same initial noise."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sampling", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peer_matches_ours_at_equal_settings(bench):
+    from biomedjourney.pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    r = pipe.resolution
+    req = bench.make_request(pipe, prior=np.random.RandomState(0).rand(r, r).astype(np.float32))
+    res = bench.benchmark(pipe, sizes=(2,), repeats=1, req=req, peer_default_steps=3, equal_steps=3, matmul_size=256)
+    s = res["sizes"][2]
+    assert set(s["rows"]) == {"ours_equal", "peer_equal", "ours_equal_nomask", "ours_default", "peer_default"}
+    for name, row in s["rows"].items():
+        assert row["shape"] == [[r, r]] * 2 and row["finite"], name
+        assert row["median_s"] > 0 and row["unet_gflop"] > 0 and row["peak_mb"] > 0, name
+    q = s["quality"]
+    assert q["peer_equal_vs_ours_equal_nomask"]["max_abs"] < 1e-4         # the same computation
+    assert q["ours_equal_vs_ours_equal_nomask (the mask's effect)"]["max_abs"] > 1e-4  # padding is masked in ours
+    assert 0 < res["peak_flops"] and "equal-steps overhead" in bench.summary(res)
+    assert "peer differences" in bench.report(res)
