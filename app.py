@@ -64,7 +64,12 @@ _LOCK = threading.Lock()
 
 
 def model_source() -> str:
-    return str(default_model_path())  # $BIOMEDJOURNEY_MODEL (set by --model) or assets/
+    """$BIOMEDJOURNEY_MODEL (set by --model), else the packaged or repository model; '' when there is none
+    (get_pipe then says how to get one)."""
+    try:
+        return str(default_model_path())
+    except FileNotFoundError:
+        return ""
 
 
 def get_pipe() -> BiomedJourneyPipeline:

@@ -314,6 +314,15 @@ def grid_figure(g: Generated, path: Path, n: int = 3, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return shrink_png(path)
+
+
+def shrink_png(path: Path, colors: int = 96) -> Path:
+    """Re-save a figure PNG with an adaptive palette (a few hundred KB instead of ~0.7 MB)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colors)
+    small.save(path, optimize=True)
     return path
 
 
@@ -366,6 +375,9 @@ def caveats(res: dict) -> list[str]:
         "- Side / zone / outside-mask shares use |generated − prior| in pixels: with region auto the change is "
         "confined by construction, so they check the mask and sampler plumbing more than the model. With region "
         "off, outside-mask share is measured against the mask region auto would have used.",
+        *(["- change_transfer is on: every output is prior + (sample(description) - sample(no-change text)) with "
+            "the same noise, so the no-change output IS the prior (SSIM 1 by construction) and each lift is "
+            "also the lift over the prior itself."] if res["settings"]["sampler"].get("change_transfer") else []),
         "- Zone halves are the upper / lower half of both lungs' vertical extent (lung mask > 0.5) of the prior's "
         f"anatomy ({', '.join(res['anatomy_sources'])}); only the change inside the lung fields counts.",
     ]
