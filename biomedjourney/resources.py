@@ -12,6 +12,7 @@ None of them there: FileNotFoundError naming all three.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -40,3 +41,12 @@ def asset_path(name: str, env: str) -> Path:
         f"No '{name}' folder found. Looked for: ${env} (not set); the packaged copy {candidates[0]} "
         f"(in a wheel / regular pip install); the repository's {candidates[1]} (source checkout / editable "
         f"install). Set {env}=PATH, or reinstall the package from a checkout that has assets/{name}.")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weights, manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

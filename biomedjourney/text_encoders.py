@@ -162,11 +162,8 @@ def _check_minilm(folder: Path, package_version: str | None, weights_sha256: str
 
 @functools.lru_cache(maxsize=4)
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .resources import file_sha256
+    return file_sha256(path)
 
 
 def _minilm_folder() -> Path:

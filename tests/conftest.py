@@ -16,6 +16,21 @@ def tiny_model_dir(tmp_path_factory):
     return tiny_pipeline(seed=0).save_pretrained(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """A tiny random pipeline (64 px) for the pipeline tests."""
+    from biomedjourney.pipeline import tiny_pipeline
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    """A smooth (64, 64) test prior in [0, 1]."""
+    import numpy as np
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    return (0.2 + 0.6 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) * 6)).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def rg1_path():
     from pydicom.data import get_testdata_file

@@ -11,17 +11,6 @@ from biomedjourney.model import SCHEDULERS, make_scheduler, widen_conv_in
 from biomedjourney.pipeline import BiomedJourneyPipeline, dual_guidance, progress_callback, tiny_pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def prior():
-    y, x = np.mgrid[0:64, 0:64] / 63.0
-    return (0.2 + 0.6 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) * 6)).astype(np.float32)  # (64, 64)
-
-
 def test_shapes_ranges_and_seeds(pipe, prior):
     out = pipe(prior, "New right pleural effusion.", num_images=3, seed=7, num_inference_steps=3)
     assert out.seeds == [7, 8, 9]

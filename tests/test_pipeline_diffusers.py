@@ -13,17 +13,6 @@ from biomedjourney.pipeline import BiomedJourneyPipeline, tiny_pipeline
 TEXT = "New right pleural effusion."
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def prior():
-    y, x = np.mgrid[0:64, 0:64] / 63.0
-    return (0.2 + 0.6 * np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) * 6)).astype(np.float32)  # (64, 64)
-
-
 @pytest.fixture
 def box():
     m = np.zeros((64, 64), np.float32)

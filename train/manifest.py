@@ -27,6 +27,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from biomedjourney.resources import file_sha256
+
 STAGE1_COLUMNS = ["image_id", "image", "patient_id", "split", "text", "labels", "sex", "age", "view",
                   "license", "source"]
 STAGE2_COLUMNS = ["pair_id", "patient_id", "split", "prior", "prior_original", "followup", "text",
@@ -107,12 +109,6 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_hash(path: str | os.PathLike) -> str:
@@ -125,9 +121,9 @@ def manifest_hash(path: str | os.PathLike) -> str:
         missing = [n for n in MANIFEST_FILES if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} lacks {missing}: run train/prepare_data.py --out {path}")
-        text = "".join(f"{n}:{_sha256_file(path / n)}\n" for n in MANIFEST_FILES)
+        text = "".join(f"{n}:{file_sha256(path / n)}\n" for n in MANIFEST_FILES)
         if (path / "registered").is_dir():
-            text += "".join(f"registered/{f.name}:{_sha256_file(f)}\n"
+            text += "".join(f"registered/{f.name}:{file_sha256(f)}\n"
                             for f in sorted((path / "registered").glob("*.png")))
         return hashlib.sha256(text.encode()).hexdigest()
-    return _sha256_file(path)
+    return file_sha256(path)
