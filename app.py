@@ -10,7 +10,6 @@ still starts and says how to get one. Results of each run are kept in a per-sess
 under $BIOMEDJOURNEY_OUTPUTS (default: the system temp dir), removed when the session ends.
 """
 import argparse
-import json
 import os
 import random
 import re

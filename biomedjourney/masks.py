@@ -167,8 +167,10 @@ def feather_mask(hard: np.ndarray, sigma: float) -> np.ndarray:
 # Hansell et al., Radiology 2008;246:697).
 EFFUSION_MARGIN = 8.0   # px at 256: the pleural space beyond the lung mask (chest wall, hemidiaphragm)
 EFFUSION_BELOW = 0.2    # of the lung's height: how far below the lung mask's lowest row the pleural space may reach
-# (medial height, lateral rise) of the fluid as fractions of the lung's height
-EFFUSION_HEIGHT = {"mild": (0.04, 0.14), "moderate": (0.20, 0.14), "severe": (0.45, 0.15)}
+# (medial height, lateral rise) of the fluid as fractions of the lung's height. The lung masks (V7) include the
+# lung behind the hemidiaphragm dome, already as dense as fluid there, so the heights count from the mask's lowest
+# row: "moderate" reaches about the visible lower third.
+EFFUSION_HEIGHT = {"mild": (0.08, 0.14), "moderate": (0.28, 0.14), "severe": (0.45, 0.15)}
 
 
 def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:

@@ -3,6 +3,7 @@ the peer (diffusers' StableDiffusionInstructPix2PixPipeline on our unet/vae) and
 the right shape, and at equal settings with an all-ones attention mask (IP2P passes none) the same
 images: same UNet, same scheduler, same initial noise."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
 def bench():
     spec = importlib.util.spec_from_file_location("bench_sampling", BENCH)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 

@@ -8,7 +8,7 @@ import torch
 
 from biomedjourney.config import NO_CHANGE
 from biomedjourney.model import SCHEDULERS
-from biomedjourney.pipeline import BiomedJourneyPipeline, tiny_pipeline
+from biomedjourney.pipeline import BiomedJourneyPipeline
 
 TEXT = "New right pleural effusion."
 
