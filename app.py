@@ -11,14 +11,34 @@ under $BIOMEDJOURNEY_OUTPUTS (default: the system temp dir), removed when the se
 """
 import argparse
 import os
-import random
-import re
-import shutil
-import tempfile
-import threading
-import time
-import typing
-import uuid
+
+MODEL_ENV_NAME = "BIOMEDJOURNEY_MODEL"  # == biomedjourney.pipeline.MODEL_ENV (not imported: --help stays instant)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="BiomedJourney web app")
+    ap.add_argument("--model", help=f"model folder or Hugging Face Hub repo id (sets ${MODEL_ENV_NAME})")
+    ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="0.0.0.0 to listen on all interfaces (e.g. in a container)")
+    args = ap.parse_args(argv)
+    if args.model:
+        os.environ[MODEL_ENV_NAME] = args.model
+    return args
+
+
+if __name__ == "__main__":  # before gradio and torch are imported: `python app.py --help` answers at once
+    parse_args()
+
+import random  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import typing  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,8 +51,8 @@ from biomedjourney.findings.schema import Change, FindingName, Severity, Side, Z
 from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
                                    read_image, save_png, to_model_input)
 from biomedjourney.model import SCHEDULERS
-from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, default_model_path, denoising_steps,
-                                    read_defaults)
+from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, _public_model_id,
+                                    default_model_path, denoising_steps, read_defaults)
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
 
 ROOT = Path(__file__).resolve().parent
@@ -80,7 +100,7 @@ def get_pipe() -> BiomedJourneyPipeline:
             try:
                 _PIPE, _PIPE_SOURCE = BiomedJourneyPipeline.from_pretrained(src), src
             except Exception as e:  # noqa: BLE001 - missing folder, Hub/network, bad config or weights
-                raise gr.Error(f"No model could be loaded from '{src}': {e} To fix: start the app with "
+                raise gr.Error(f"No model could be loaded from '{_public_model_id(src)}': {e} To fix: start the app with "
                                f"`python app.py --model PATH_OR_HUB_ID`, or set {MODEL_ENV}=PATH, or put "
                                "a trained model folder at assets/biomedjourney-cxr (see README).",
                                title="Model not available") from None
@@ -134,13 +154,36 @@ def _check_description(description: str, what: str = "description") -> str:
     return text
 
 
+# The numeric settings: (label in the UI, lowest, highest, whole number?). The sliders enforce these in the
+# browser; the API and scripts are checked here so a bad value is a message naming the field, never a traceback.
+NUMBERS = {"num_images": ("Samples", 1, MAX_SAMPLES, True), "steps": ("Denoising steps", 1, 100, True),
+           "guidance": ("Text guidance", 0.0, 15.0, False), "image_guidance": ("Image guidance", 0.0, 5.0, False),
+           "strength": ("Change allowed (strength)", 0.05, 1.0, False),
+           "duration_ms": ("GIF frame duration (ms)", 200, 3000, True)}
+
+
+def _number(value, field: str):
+    """A numeric setting checked against its field's range; gr.Error naming the field otherwise."""
+    label, lo, hi, whole = NUMBERS[field]
+    kind = "a whole number" if whole else "a number"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if isinstance(value, bool) or not (lo <= x <= hi) or (whole and not x.is_integer()):
+        raise _error(f"{label} must be {kind} from {lo:g} to {hi:g}, got {value!r}. Change the {label} field.",
+                     title=label)
+    return int(x) if whole else x
+
+
 def _sampler(steps, guidance, image_guidance, scheduler, strength=None, transfer=None) -> dict:
     if scheduler not in SCHEDULERS:
         raise _error(f"Unknown scheduler '{scheduler}'; choose one of {', '.join(SCHEDULERS)}.")
-    return {"num_inference_steps": int(steps),
-            "guidance_scale": float(guidance), "image_guidance_scale": float(image_guidance),
-            "scheduler": scheduler, "strength": None if strength is None else float(strength),  # None: model default
-            "change_transfer": None if transfer is None else bool(transfer)}
+    return {"num_inference_steps": _number(steps, "steps"),
+            "guidance_scale": _number(guidance, "guidance"), "image_guidance_scale": _number(image_guidance,
+                                                                                             "image_guidance"),
+            "scheduler": scheduler, "strength": None if strength is None else _number(strength, "strength"),
+            "change_transfer": None if transfer is None else bool(transfer)}  # strength None: model default
 
 
 def _seed(seed, randomise: bool) -> int:
@@ -218,20 +261,37 @@ def _info_markdown(img: LoadedImage, resolution: int, aspect: str) -> str:
 
 
 def _example_files() -> list[str]:
-    """pydicom's RG1_UNCI.dcm plus assets/examples/*, copied into the temp dir gradio may serve."""
+    """Example priors, all from pydicom's public RG1_UNCI.dcm (no dataset image is shipped): the DICOM
+    itself, a 256 px PNG and JPEG export of it, and a low-contrast MONOCHROME1 DICOM variant (inverted
+    stored values, as some CR systems write them) to show such inputs are handled. Written once into the
+    temp folder gradio may serve."""
+    import numpy as np
+    import pydicom
     import pydicom.data
+    from PIL import Image
 
-    sources = [Path(pydicom.data.get_testdata_file("RG1_UNCI.dcm"))]
-    sources += sorted(p for p in (ROOT / "assets" / "examples").glob("*") if p.suffix.lower() in FILE_TYPES)
+    src = Path(pydicom.data.get_testdata_file("RG1_UNCI.dcm"))
     folder = OUTPUT_ROOT / "examples"
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for src in sources:
-        dst = folder / src.name
-        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
-            shutil.copyfile(src, dst)
-        out.append(str(dst))
-    return out
+    out = {name: folder / name for name in ("RG1_UNCI.dcm", "RG1_UNCI_256.png", "RG1_UNCI_256.jpg",
+                                            "RG1_UNCI_low_contrast_monochrome1.dcm")}
+    if not all(p.exists() for p in out.values()):
+        shutil.copyfile(src, out["RG1_UNCI.dcm"])
+        img = read_image(src).pixels  # (H, W) [0, 1], MONOCHROME2
+        small = Image.fromarray(to_uint8(img)).resize((256 * img.shape[1] // img.shape[0], 256), Image.LANCZOS)
+        small.save(out["RG1_UNCI_256.png"])
+        small.save(out["RG1_UNCI_256.jpg"], quality=90)
+        ds = pydicom.dcmread(src)
+        for kw in ("WindowCenter", "WindowWidth", "VOILUTFunction", "PatientName", "PatientID"):
+            if kw in ds:
+                delattr(ds, kw)
+        low = (1.0 - np.asarray(small, np.float32) / 255.0) * 300 + 1800  # 300 of 4096 levels, inverted
+        ds.Rows, ds.Columns = low.shape
+        ds.PixelSpacing = None
+        ds.set_pixel_data(low.astype(np.uint16), photometric_interpretation="MONOCHROME1", bits_stored=12)
+        ds.PatientName, ds.PatientID = "", ""
+        ds.save_as(out["RG1_UNCI_low_contrast_monochrome1.dcm"])
+    return [str(p) for p in out.values()]
 
 
 # ======================================================================== handlers
@@ -239,7 +299,10 @@ def preview_prior(prior_file):
     """Upload -> (the image as the model sees it, info markdown); a gr.Warning per plausibility issue."""
     if not prior_file:
         return None, "*No image yet.*"
-    img = _read_prior(prior_file)
+    try:
+        img = _read_prior(prior_file)
+    except gr.Error as e:  # said here, beside the upload; Generate raises the one toast (not two alike)
+        return None, f"❌ **{e.title}.** {e.message}"
     for w in cxr_warnings(img):
         gr.Warning(w, title="Check the image")
     try:
@@ -272,7 +335,10 @@ def paint_canvas(paint, prior_file):
     """'Paint my own region' -> the editor with the prior (as the model sees it) to paint on."""
     if not paint or not prior_file:
         return gr.update(visible=bool(paint), value=None)
-    _, prior = _prior_input(prior_file)
+    try:
+        _, prior = _prior_input(prior_file)
+    except gr.Error:  # preview_prior / generate say why (one message, not one per handler)
+        return gr.update(visible=True, value=None)
     grey = to_uint8(prior)
     return gr.update(visible=True, value={"background": grey, "layers": [], "composite": grey})
 
@@ -321,7 +387,7 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or d.strength)
     try:
         res = service.generate_followups(
-            pipe, loaded, description, seed=seed, num_images=int(num_images), sampler=sampler, region=region,
+            pipe, loaded, description, seed=seed, num_images=_number(num_images, "num_images"), sampler=sampler, region=region,
             painted_mask=painted, render=render,
             on_step=lambda i: progress((i, total), desc="Generating follow-ups", unit="steps"))
     except ValueError as e:
@@ -385,6 +451,7 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     from biomedjourney.export import save_outputs
 
     _check_description(journey_text, "journey")
+    duration_ms = _number(duration_ms, "duration_ms")
     try:
         plan = journey.parse_journey(journey_text)
     except ValueError as e:
@@ -426,7 +493,7 @@ def on_load():
         return [gr.skip()] * 10 + [f"❌ **Model not available.** {e.message}"]
     d = pipe.defaults
     note = pipe.info.get("note", "") if isinstance(pipe.info, dict) else ""
-    status = f"Model: `{pipe.model_id}` · {pipe.resolution}×{pipe.resolution} px" + (f" · {note}" if note else "")
+    status = f"Model: `{_public_model_id(pipe.model_id)}` · {pipe.resolution}×{pipe.resolution} px" + (f" · {note}" if note else "")
     return [d.num_images, d.num_inference_steps, d.guidance_scale, d.image_guidance_scale, d.strength,
             d.change_transfer, d.seed, d.scheduler, d.region, d.render, status]
 
@@ -438,6 +505,17 @@ CSS = """
 .dark #disclaimer {background: #451a03;} .dark #disclaimer p {color: #fde68a;}
 #generate, #journey-run {min-height: 48px;}
 #preview img, #filmstrip img, #journey-gif img {width: 100% !important; height: 100% !important; object-fit: contain;}
+/* gallery captions under the image (not over the heatmap legend), thumbnails below the block label
+   (so the badge does not hide the SYNTHETIC mark) */
+#followups .caption-label, #heatmaps .caption-label {position: static !important; display: block;
+  margin: 2px auto 0 !important; max-width: 100% !important; transform: none !important;
+  background: transparent !important; box-shadow: none !important; text-align: center;}
+#followups .thumbnail-item, #heatmaps .thumbnail-item {display: flex; flex-direction: column;}
+#followups .grid-wrap, #heatmaps .grid-wrap {padding-top: 40px !important;}
+/* setting hints (info text) readable: darker than gradio's default grey */
+[data-testid="block-info"] + span, .block-info, span[data-testid="block-info"] ~ div, label > span + div,
+.info, [class*="info"] > p {color: #374151 !important; opacity: 1 !important;}
+.dark [data-testid="block-info"] + span, .dark .info {color: #e5e7eb !important;}
 """
 THEME = gr.themes.Soft(primary_hue="blue")
 
@@ -447,197 +525,208 @@ EXAMPLES_NOTE = ("<sub>The shipped model itself draws effusion, edema and consol
                  "With 'Draw the finding from radiological knowledge' it also draws cardiomegaly and pneumothorax "
                  "(few training images): a knowledge-driven rendering harmonised by the model. See the model card "
                  "(assets/MODEL_CARD.md).</sub>")
-with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(3600, 24 * 3600)) as demo:
-    gr.Markdown("# BiomedJourney\nUpload a prior chest X-ray, describe a change, and see synthetic "
-                "follow-up images with maps of what changed and how sure the model is.")
-    gr.Markdown(DISCLAIMER, elem_id="disclaimer")
-    model_status = gr.Markdown("Model: loading when the page opens…", elem_id="model-status")
-    state = gr.State(None)
+def build_demo() -> gr.Blocks:
+    """The whole UI (built on first use of app.demo or by main(), not at import)."""
+    with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown("# BiomedJourney\nUpload a prior chest X-ray, describe a change, and see synthetic "
+                    "follow-up images with maps of what changed and how sure the model is.")
+        gr.Markdown(DISCLAIMER, elem_id="disclaimer")
+        model_status = gr.Markdown("Model: loading when the page opens…", elem_id="model-status")
+        state = gr.State(None)
 
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=260):
-            prior_file = gr.File(label="Prior chest X-ray (PNG, JPEG, DICOM)",
-                                 file_types=FILE_TYPES, type="filepath", height=120)
-            gr.Examples(examples=[[p] for p in _example_files()], inputs=[prior_file],
-                        label="Example prior (click to use)")
-        with gr.Column(scale=1, min_width=260):
-            preview = gr.Image(label="What the model sees", type="numpy", image_mode="L", format="png",
-                               interactive=False, height=300, buttons=["fullscreen"], elem_id="preview")
-        with gr.Column(scale=1, min_width=220):
-            prior_info = gr.Markdown("*No image yet.*", label="Image information")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):
+                prior_file = gr.File(label="Prior chest X-ray (PNG, JPEG, DICOM)",
+                                     file_types=FILE_TYPES, type="filepath", height=120)
+                gr.Examples(examples=[[p] for p in _example_files()], inputs=[prior_file], examples_per_page=4,
+                            label="Example prior (click to use)")
+            with gr.Column(scale=1, min_width=260):
+                preview = gr.Image(label="What the model sees", type="numpy", image_mode="L", format="png",
+                                   interactive=False, height=300, buttons=["fullscreen"], elem_id="preview")
+            with gr.Column(scale=1, min_width=220):
+                prior_info = gr.Markdown("*No image yet.*", label="Image information")
 
-    with gr.Tabs():
-        with gr.Tab("Follow-up", id="followup"):
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    description = gr.Textbox(label="Describe the change (editable)", lines=2, max_lines=6,
-                                             placeholder="e.g. New right pleural effusion.")
-                    chips = gr.HighlightedText(label="Findings read from the description", elem_id="chips",
-                                               color_map=CHANGE_COLOURS, show_inline_category=False,
-                                               show_legend=False, interactive=False)
-                    plan_notes = gr.Markdown(elem_id="plan-notes")
-                    gr.Examples(examples=[[t] for t in EXAMPLE_DESCRIPTIONS], inputs=[description],
-                                label="Example descriptions (click to use)",
-                                examples_per_page=len(EXAMPLE_DESCRIPTIONS))
-                    gr.Markdown(EXAMPLES_NOTE, elem_id="examples-note")
-                    with gr.Accordion("Compose the description", open=False):
-                        composer = []
-                        for _ in range(COMPOSER_ROWS):
+        with gr.Tabs():
+            with gr.Tab("Follow-up", id="followup"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        description = gr.Textbox(label="Describe the change (editable)", lines=2, max_lines=6,
+                                                 placeholder="e.g. New right pleural effusion.")
+                        chips = gr.HighlightedText(label="Findings read from the description", elem_id="chips",
+                                                   color_map=CHANGE_COLOURS, show_inline_category=False,
+                                                   show_legend=False, interactive=False)
+                        plan_notes = gr.Markdown(elem_id="plan-notes")
+                        gr.Examples(examples=[[t] for t in EXAMPLE_DESCRIPTIONS], inputs=[description],
+                                    label="Example descriptions (click to use)",
+                                    examples_per_page=len(EXAMPLE_DESCRIPTIONS))
+                        gr.Markdown(EXAMPLES_NOTE, elem_id="examples-note")
+                        with gr.Accordion("Compose the description", open=False):
+                            composer = []
+                            for _ in range(COMPOSER_ROWS):
+                                with gr.Row():
+                                    composer += [
+                                        gr.Dropdown(typing.get_args(FindingName), value=None, label="Finding",
+                                                    min_width=150),
+                                        gr.Dropdown(typing.get_args(Side), value="none", label="Side", min_width=90),
+                                        gr.Dropdown(typing.get_args(Zone), value="none", label="Zone", min_width=90),
+                                        gr.Dropdown(typing.get_args(Severity), value="none", label="Severity",
+                                                    min_width=90),
+                                        gr.Dropdown(typing.get_args(Change), value="new", label="Change", min_width=90)]
+                            compose_btn = gr.Button("Add to description", elem_id="compose")
+                        with gr.Accordion("Write it from reports", open=False):
+                            prior_report = gr.Textbox(label="Prior report", lines=3)
+                            followup_report = gr.Textbox(label="Follow-up report", lines=3)
+                            intended_change = gr.Textbox(label="…or the intended change (instead of a follow-up report)",
+                                                         lines=1, placeholder="e.g. effusion gets bigger")
+                            backend = gr.Radio([("Automatic (GPT-4 when an API key is configured)", "auto"),
+                                                ("Offline rule-based differ", "rules")], value="auto",
+                                               label="Writer")
+                            describe_btn = gr.Button("Describe the change")
+                            describe_info = gr.Markdown()
+                    with gr.Column(scale=2):
+                        mask_preview = gr.Image(label="Where it may change (orange)", type="numpy", format="png",
+                                                interactive=False, height=300, elem_id="mask-preview")
+                        paint = gr.Checkbox(value=False, label="Paint my own region",
+                                            info="Paint where the film may change (brush adds, eraser removes); "
+                                                 "an empty canvas uses the automatic region above.")
+                        canvas = gr.ImageEditor(label="Your region", type="numpy", image_mode="RGBA", format="png",
+                                                sources=[], transforms=[], visible=False, height=360,
+                                                brush=gr.Brush(colors=["#ff8c00"], color_mode="fixed"),
+                                                eraser=gr.Eraser(), layers=False, elem_id="canvas")
+                        with gr.Accordion("Settings", open=True):
+                            region = gr.Radio([("The described region", "auto"), ("The whole film", "off")],
+                                              value=_d.region, label="Restrict to the described region",
+                                              info="Only the finding's region (or your painted one) may change.")
+                            render = gr.Checkbox(value=_d.render, label="Draw the finding from radiological knowledge",
+                                                 info="A knowledge-driven rendering of the finding, harmonised by the "
+                                                      "model; labelled as such in the settings file.")
+                            num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
+                                                   info="More samples show where the model is unsure (uncertainty map).")
+                            steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",
+                                              info="More steps: finer detail but slower.")
+                            guidance = gr.Slider(0, 15, value=_d.guidance_scale, step=0.5, label="Text guidance",
+                                                 info="Higher follows the description more strongly (too high: artefacts).")
+                            image_guidance = gr.Slider(0, 5, value=_d.image_guidance_scale, step=0.1,
+                                                       label="Image guidance",
+                                                       info="Higher stays closer to the prior image (less change).")
+                            strength = gr.Slider(0.05, 1.0, value=_d.strength, step=0.05, label="Change allowed (strength)",
+                                                 info="1 starts from pure noise; lower keeps more of the prior (SDEdit). "
+                                                      "Left at the default, a knowledge-driven drawing uses the model's "
+                                                      "harmonisation strength.")
+                            transfer = gr.Checkbox(value=_d.change_transfer, label="Keep the prior's detail",
+                                                   info="On: the prior plus only the change the model draws for the "
+                                                        "description (its sample minus its no-change sample, same noise). "
+                                                        "Off: the model's whole redrawn image.")
                             with gr.Row():
-                                composer += [
-                                    gr.Dropdown(typing.get_args(FindingName), value=None, label="Finding",
-                                                min_width=150),
-                                    gr.Dropdown(typing.get_args(Side), value="none", label="Side", min_width=90),
-                                    gr.Dropdown(typing.get_args(Zone), value="none", label="Zone", min_width=90),
-                                    gr.Dropdown(typing.get_args(Severity), value="none", label="Severity",
-                                                min_width=90),
-                                    gr.Dropdown(typing.get_args(Change), value="new", label="Change", min_width=90)]
-                        compose_btn = gr.Button("Add to description", elem_id="compose")
-                    with gr.Accordion("Write it from reports", open=False):
-                        prior_report = gr.Textbox(label="Prior report", lines=3)
-                        followup_report = gr.Textbox(label="Follow-up report", lines=3)
-                        intended_change = gr.Textbox(label="…or the intended change (instead of a follow-up report)",
-                                                     lines=1, placeholder="e.g. effusion gets bigger")
-                        backend = gr.Radio([("Automatic (GPT-4 when an API key is configured)", "auto"),
-                                            ("Offline rule-based differ", "rules")], value="auto",
-                                           label="Writer")
-                        describe_btn = gr.Button("Describe the change")
-                        describe_info = gr.Markdown()
-                with gr.Column(scale=2):
-                    mask_preview = gr.Image(label="Where it may change (orange)", type="numpy", format="png",
-                                            interactive=False, height=300, elem_id="mask-preview")
-                    paint = gr.Checkbox(value=False, label="Paint my own region",
-                                        info="Paint where the film may change (brush adds, eraser removes); "
-                                             "an empty canvas uses the automatic region above.")
-                    canvas = gr.ImageEditor(label="Your region", type="numpy", image_mode="RGBA", format="png",
-                                            sources=[], transforms=[], visible=False, height=360,
-                                            brush=gr.Brush(colors=["#ff8c00"], color_mode="fixed"),
-                                            eraser=gr.Eraser(), layers=False, elem_id="canvas")
-                    with gr.Accordion("Settings", open=True):
-                        region = gr.Radio([("The described region", "auto"), ("The whole film", "off")],
-                                          value=_d.region, label="Restrict to the described region",
-                                          info="Only the finding's region (or your painted one) may change.")
-                        render = gr.Checkbox(value=_d.render, label="Draw the finding from radiological knowledge",
-                                             info="A knowledge-driven rendering of the finding, harmonised by the "
-                                                  "model; labelled as such in the settings file.")
-                        num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
-                                               info="More samples show where the model is unsure (uncertainty map).")
-                        steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",
-                                          info="More steps: finer detail but slower.")
-                        guidance = gr.Slider(0, 15, value=_d.guidance_scale, step=0.5, label="Text guidance",
-                                             info="Higher follows the description more strongly (too high: artefacts).")
-                        image_guidance = gr.Slider(0, 5, value=_d.image_guidance_scale, step=0.1,
-                                                   label="Image guidance",
-                                                   info="Higher stays closer to the prior image (less change).")
-                        strength = gr.Slider(0.05, 1.0, value=_d.strength, step=0.05, label="Change allowed (strength)",
-                                             info="1 starts from pure noise; lower keeps more of the prior (SDEdit). "
-                                                  "Left at the default, a knowledge-driven drawing uses the model's "
-                                                  "harmonisation strength.")
-                        transfer = gr.Checkbox(value=_d.change_transfer, label="Keep the prior's detail",
-                                               info="On: the prior plus only the change the model draws for the "
-                                                    "description (its sample minus its no-change sample, same noise). "
-                                                    "Off: the model's whole redrawn image.")
-                        with gr.Row():
-                            seed = gr.Number(value=_d.seed, precision=None, label="Seed",
-                                             info=f"A whole number, 0 to {SEED_MAX}. Same seed + settings = same images.")
-                            randomise = gr.Checkbox(value=False, label="Random seed each run")
-                        scheduler = gr.Dropdown([(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS],
-                                                value=_d.scheduler, label="Scheduler")
-                    generate_btn = gr.Button("Generate follow-ups", variant="primary", elem_id="generate")
+                                seed = gr.Number(value=_d.seed, precision=None, label="Seed",
+                                                 info=f"A whole number, 0 to {SEED_MAX}. Same seed + settings = same images.")
+                                randomise = gr.Checkbox(value=False, label="Random seed each run")
+                            scheduler = gr.Dropdown([(SCHEDULER_LABELS.get(k, k), k) for k in SCHEDULERS],
+                                                    value=_d.scheduler, label="Scheduler")
+                        generate_btn = gr.Button("Generate follow-ups", variant="primary", elem_id="generate")
 
-            with gr.Row(equal_height=False):
-                gallery = gr.Gallery(label="Synthetic follow-ups (click one to compare)", columns=4, height="auto",
-                                     format="png", object_fit="contain", elem_id="followups", scale=3)
-                slider = gr.ImageSlider(label="Before / after (prior | follow-up)", type="numpy", format="png",
-                                        image_mode="L", max_height=330, elem_id="compare", scale=2)
-            with gr.Row(equal_height=False):
-                heat_gallery = gr.Gallery(label="Difference per sample (follow-up − prior)", columns=2,
-                                          height=380, format="png", object_fit="contain", elem_id="heatmaps",
-                                          scale=2)
-                mean_img = gr.Image(label="Mean change", format="png", interactive=False, height=380,
-                                    elem_id="mean-change", scale=1)
-                std_img = gr.Image(label="Uncertainty", format="png", interactive=False, height=380,
-                                   elem_id="uncertainty", scale=1)
-            gr.Markdown("**Reading the maps:** <span style='color:#b2182b'>■ red</span> = brighter/denser in the "
-                        "follow-up (e.g. new opacity or effusion) · <span style='color:#2166ac'>■ blue</span> = "
-                        "darker/more lucent (e.g. clearing) · uncertainty = where the samples disagree. The colour "
-                        "range is robust (99th percentile of the change), so tiny changes stay faint.")
-            with gr.Row(equal_height=False):
-                settings_json = gr.JSON(label="Seed and settings", open=False)
-                with gr.Column():
-                    zip_file = gr.File(label="Download everything (zip)", elem_id="zip", interactive=False)
-                    files = gr.File(label="PNG + DICOM per sample, settings, heatmaps", file_count="multiple",
-                                    elem_id="downloads", interactive=False)
+                with gr.Row(equal_height=False):
+                    gallery = gr.Gallery(label="Synthetic follow-ups (click one to compare)", columns=4, height="auto",
+                                         format="png", object_fit="contain", elem_id="followups", scale=3)
+                    slider = gr.ImageSlider(label="Before / after (prior | follow-up)", type="numpy", format="png",
+                                            image_mode="L", max_height=330, elem_id="compare", scale=2)
+                with gr.Row(equal_height=False):
+                    heat_gallery = gr.Gallery(label="Difference per sample (follow-up − prior)", columns=2,
+                                              height=380, format="png", object_fit="contain", elem_id="heatmaps",
+                                              scale=2)
+                    mean_img = gr.Image(label="Mean change", format="png", interactive=False, height=380,
+                                        elem_id="mean-change", scale=1)
+                    std_img = gr.Image(label="Uncertainty", format="png", interactive=False, height=380,
+                                       elem_id="uncertainty", scale=1)
+                gr.Markdown("**Reading the maps:** <span style='color:#b2182b'>■ red</span> = brighter/denser in the "
+                            "follow-up (e.g. new opacity or effusion) · <span style='color:#2166ac'>■ blue</span> = "
+                            "darker/more lucent (e.g. clearing) · uncertainty = where the samples disagree. The colour "
+                            "range is robust (99th percentile of the change), so tiny changes stay faint.")
+                with gr.Row(equal_height=False):
+                    settings_json = gr.JSON(label="Seed and settings", open=False)
+                    with gr.Column():
+                        zip_file = gr.File(label="Download everything (zip)", elem_id="zip", interactive=False)
+                        files = gr.File(label="PNG + DICOM per sample, settings, heatmaps", file_count="multiple",
+                                        elem_id="downloads", interactive=False)
 
-        with gr.Tab("Journey", id="journey"):
-            gr.Markdown("Apply changes one after another: each step starts from the previous step's image. "
-                        "Uses the settings of the Follow-up tab, one sample per step. Errors accumulate: later "
-                        "frames are less reliable.")
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    journey_text = gr.Textbox(label="Steps (one per line or separated by ';', optional 'label:')",
-                                              lines=4, value=EXAMPLE_JOURNEY)
-                with gr.Column(scale=1):
-                    duration = gr.Slider(200, 3000, value=800, step=100, label="GIF frame duration (ms)")
-                    journey_btn = gr.Button("Generate journey", variant="primary", elem_id="journey-run")
-            strip_img = gr.Image(label="Filmstrip", format="png", interactive=False, height=300, elem_id="filmstrip")
-            with gr.Row(equal_height=False):
-                gif_img = gr.Image(label="Animation (GIF)", type="filepath", interactive=False, height=320,
-                                   elem_id="journey-gif")
-                with gr.Column():
-                    journey_zip = gr.File(label="Download everything (zip)", interactive=False)
-                    journey_files = gr.File(label="Filmstrip and GIF (per-step PNG + DICOM are in the zip)",
-                                            file_count="multiple", interactive=False)
-                    journey_json = gr.JSON(label="Seeds and settings", open=False)
+            with gr.Tab("Journey", id="journey"):
+                gr.Markdown("Apply changes one after another: each step starts from the previous step's image. "
+                            "Uses the settings of the Follow-up tab, one sample per step. Errors accumulate: later "
+                            "frames are less reliable.")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        journey_text = gr.Textbox(label="Steps (one per line or separated by ';', optional 'label:')",
+                                                  lines=4, value=EXAMPLE_JOURNEY)
+                    with gr.Column(scale=1):
+                        duration = gr.Slider(200, 3000, value=800, step=100, label="GIF frame duration (ms)")
+                        journey_btn = gr.Button("Generate journey", variant="primary", elem_id="journey-run")
+                strip_img = gr.Image(label="Filmstrip", format="png", interactive=False, height=300, elem_id="filmstrip")
+                with gr.Row(equal_height=False):
+                    gif_img = gr.Image(label="Animation (GIF)", type="filepath", interactive=False, height=320,
+                                       elem_id="journey-gif")
+                    with gr.Column():
+                        journey_zip = gr.File(label="Download everything (zip)", interactive=False)
+                        journey_files = gr.File(label="Filmstrip and GIF (per-step PNG + DICOM are in the zip)",
+                                                file_count="multiple", interactive=False)
+                        journey_json = gr.JSON(label="Seeds and settings", open=False)
 
-    gr.Markdown(f"<sub>{NOTICE} Images you upload are processed in memory; results are kept in a temporary "
-                "folder for this session only. DICOM patient identifiers are never read into the app.</sub>")
+        gr.Markdown(f"<sub>{NOTICE} Images you upload are processed in memory; results are kept in a temporary "
+                    "folder for this session only. DICOM patient identifiers are never read into the app.</sub>")
 
-    # ---------------------------------------------------------------- events
-    prior_file.change(preview_prior, prior_file, [preview, prior_info], api_name="preview")
-    description.change(read_findings, description, chips, queue=False, show_progress="hidden",
-                       api_visibility="private")
-    gr.on([prior_file.change, description.change, region.change, render.change], preview_plan,
-          [prior_file, description, region, render], [mask_preview, plan_notes], trigger_mode="always_last",
-          show_progress="minimal", show_progress_on=mask_preview, api_name="plan")
-    gr.on([paint.change, prior_file.change], paint_canvas, [paint, prior_file], canvas,
-          trigger_mode="always_last", api_visibility="private")
-    compose_btn.click(compose, [description, *composer], description, api_name="compose")
-    generate_btn.click(
-        generate, [prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise, scheduler,
-                   strength, transfer, region, render, paint, canvas],
-        [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state,
-         chips, plan_notes, mask_preview],
-        api_name="generate", scroll_to_output=True, concurrency_id="model",
-        show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
-    gallery.select(compare, state, slider, api_visibility="private", queue=False)
-    describe_btn.click(describe, [prior_report, followup_report, intended_change, backend],
-                       [description, describe_info], api_name="describe",
-                       show_progress_on=describe_info)  # an error must not cover the description
-    journey_btn.click(
-        run_journey, [prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler, duration,
-                      strength, transfer],
-        [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
-        concurrency_id="model", show_progress_on=[strip_img, gif_img])
-    demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, transfer, seed, scheduler,
-                              region, render, model_status],
-              api_visibility="private")
-    demo.unload(_cleanup_session)
+        # ---------------------------------------------------------------- events
+        prior_file.change(preview_prior, prior_file, [preview, prior_info], api_name="preview")
+        description.change(read_findings, description, chips, queue=False, show_progress="hidden",
+                           api_visibility="private")
+        gr.on([prior_file.change, description.change, region.change, render.change], preview_plan,
+              [prior_file, description, region, render], [mask_preview, plan_notes], trigger_mode="always_last",
+              show_progress="minimal", show_progress_on=mask_preview, api_name="plan")
+        gr.on([paint.change, prior_file.change], paint_canvas, [paint, prior_file], canvas,
+              trigger_mode="always_last", api_visibility="private")
+        compose_btn.click(compose, [description, *composer], description, api_name="compose")
+        generate_btn.click(
+            generate, [prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise, scheduler,
+                       strength, transfer, region, render, paint, canvas],
+            [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state,
+             chips, plan_notes, mask_preview],
+            api_name="generate", scroll_to_output=True, concurrency_id="model",
+            show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
+        gallery.select(compare, state, slider, api_visibility="private", queue=False)
+        describe_btn.click(describe, [prior_report, followup_report, intended_change, backend],
+                           [description, describe_info], api_name="describe",
+                           show_progress_on=describe_info)  # an error must not cover the description
+        journey_btn.click(
+            run_journey, [prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler, duration,
+                          strength, transfer],
+            [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
+            concurrency_id="model", show_progress_on=[strip_img, gif_img])
+        demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, transfer, seed, scheduler,
+                                  region, render, model_status],
+                  api_visibility="private")
+        demo.unload(_cleanup_session)
 
-demo.queue(default_concurrency_limit=1)  # one run at a time per event; generate + journey share "model"
+    demo.queue(default_concurrency_limit=1)  # one run at a time per event; generate + journey share "model"
+    return demo
+
+
+_DEMO: gr.Blocks | None = None
+
+
+def get_demo() -> gr.Blocks:
+    global _DEMO
+    if _DEMO is None:
+        _DEMO = build_demo()
+    return _DEMO
+
+
+def __getattr__(name):  # app.demo (tests, Hugging Face Spaces, `gradio app.py`): built lazily, once
+    if name == "demo":
+        return get_demo()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="BiomedJourney web app")
-    ap.add_argument("--model", help=f"model folder or Hugging Face Hub repo id (sets ${MODEL_ENV})")
-    ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                    help="0.0.0.0 to listen on all interfaces (e.g. in a container)")
-    args = ap.parse_args(argv)
-    if args.model:
-        os.environ[MODEL_ENV] = args.model
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
+    args = parse_args(argv)
+    get_demo().launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
 
 
 if __name__ == "__main__":

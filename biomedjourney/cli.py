@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         "lungs; both lungs for a finding with no place); off: the whole film (default: the model's)")
     g.add_argument("--mask", type=Path, default=None,
                    help="your own edit mask: a PNG in the prior's 256x256 model-input frame, white = may change")
+    g.add_argument("--same-study", action="store_true",
+                   help="with --dicom and a DICOM prior: the synthetic series joins the prior's study (its "
+                        "StudyInstanceUID only; no patient identifier is copied); default: a new study")
     g.add_argument("--render", choices=["on", "off"], default=None,
                    help="on: draw the finding from radiological knowledge first, then let the model harmonise it "
                         "(clearly labelled in the sidecar); off: the model alone (default: the model's)")
@@ -133,8 +136,9 @@ def _generate(a) -> int:
     r.settings["seconds"] = round(r.seconds, 2)
     for note in r.plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    from .imaging import dicom_study_uid
     ex = export_followups(r, a.out, source=loaded if not hasattr(loaded, "shape") else None, dicom=a.dicom,
-                          heatmaps=a.heatmaps)
+                          heatmaps=a.heatmaps, study_uid=dicom_study_uid(a.prior) if a.same_study else None)
     print(NOTICE)
     print(f"findings: {'; '.join(r.plan.chips()) or 'none recognised'} · edit region: {r.plan.mask_source}")
     for line in r.plan.rendered:

@@ -608,7 +608,7 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     saying SYNTHETIC and not for diagnosis; ImageComments also holds ``description`` and the
     ``settings`` as JSON. A full-range window (centre 128, width 256) makes viewers and
     read_image show the stored values unchanged. PatientName/PatientID stay empty unless
-    include_patient=True (then the given strings are used). From ``source`` only ViewPosition,
+    include_patient=True (then the given strings are used). From ``source`` only
     BodyPartExamined and (when the image size is unchanged) PixelSpacing are copied; never
     identifiers or UIDs.
 
@@ -668,8 +668,7 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     ds.WindowCenter, ds.WindowWidth = 128, 256  # LINEAR full 8-bit range = identity
     if source is not None:
         sm = source.meta
-        if sm.get("view_position"):
-            ds.ViewPosition = _clip(str(sm["view_position"]), 16)
+        # ViewPosition is not part of the Secondary Capture IOD (dciodvfy: extended SOP class): not copied
         if sm.get("body_part"):
             ds.BodyPartExamined = _clip(str(sm["body_part"]), 16)
         if sm.get("pixel_spacing") and source.pixels.shape == pixels.shape:
@@ -694,3 +693,13 @@ def read_dicom_markers(path: str | os.PathLike) -> dict:
         "PatientName": str(ds.get("PatientName", "")),
         "PatientID": str(ds.get("PatientID", "")),
     }
+
+
+def dicom_study_uid(path: str | os.PathLike) -> str | None:
+    """The StudyInstanceUID of a DICOM prior (only that tag is read), so that an export may join the prior's
+    study when the user asks for it; None for anything else. No patient identifier is read."""
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:  # noqa: BLE001 - not a DICOM, unreadable: a new study
+        return None
+    return str(ds.get("StudyInstanceUID", "")) or None

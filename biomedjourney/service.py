@@ -191,8 +191,10 @@ class Exported:
 
 
 def export_followups(result: FollowUps, folder: str | Path, *, source: LoadedImage | None = None, dicom: bool = True,
-                     heatmaps: bool = True, prefix: str = "followup", zip_name: str | None = None) -> Exported:
-    """Write the images (PNG, DICOM SC marked synthetic), heatmaps, the edit mask and the sidecar."""
+                     heatmaps: bool = True, prefix: str = "followup", zip_name: str | None = None,
+                     study_uid: str | None = None) -> Exported:
+    """Write the images (PNG, DICOM SC marked synthetic), heatmaps, the edit mask and the sidecar.
+    `study_uid`: the series joins this study (the prior's, imaging.dicom_study_uid) instead of a new one."""
     from .export import save_outputs
     from .imaging import save_png
     folder = Path(folder)
@@ -202,7 +204,7 @@ def export_followups(result: FollowUps, folder: str | Path, *, source: LoadedIma
         extra.append(save_png(result.plan.mask, folder / "edit_mask.png", synthetic=False, burn_in=False,
                               description=f"Edit mask ({result.plan.mask_source}) for: {result.settings.get('prompt', '')}"))
     files = save_outputs(result.output, folder, dicom=dicom, source=source, prefix=prefix, heatmaps=heatmaps,
-                         extra_files=[p.name for p in extra])
+                         extra_files=[p.name for p in extra], study_uid=study_uid)
     files = extra + files
     maps = {p.stem.removeprefix("heatmap_"): p for p in files if p.name.startswith("heatmap_")}
     zip_path = None

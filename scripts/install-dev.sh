@@ -9,3 +9,8 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
   ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the browser test will be skipped" >&2
 fi
+if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dicom3tools >/dev/null) \
+    || echo "warning: could not install dicom3tools; the DICOM validator test will be skipped" >&2
+fi

@@ -1,5 +1,6 @@
 """The app's handlers called directly (no server), with the tiny model; and journey.py's pieces."""
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def test_preview_warns_for_a_colour_image_and_clears(app_module, tmp_path):
 def test_bad_file_is_a_gr_error_with_the_reason(app_module, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
-    with pytest.raises(gr.Error, match="not an image that can be read"):
-        app_module.preview_prior(str(bad))
+    preview, info = app_module.preview_prior(str(bad))  # said beside the upload, not as a second toast
+    assert preview is None and "not an image that can be read" in info
     with pytest.raises(gr.Error, match="not an image that can be read"):
         _generate(app_module, str(bad))
 
@@ -76,8 +77,39 @@ def test_generate_refuses_missing_inputs(app_module, rg1_path):
     for bad in (-5, 2.5):  # our message naming the Seed field, not gradio's "less than minimum value"
         with pytest.raises(gr.Error, match=rf"Seed must be a whole number from 0 to \d+, got {bad}\. Change the Seed"):
             _generate(app_module, rg1_path, seed=bad)
-    with pytest.raises(gr.Error, match=r"strength must be in \(0, 1\], got 1.5"):
+    with pytest.raises(gr.Error, match=r"Change allowed \(strength\) must be a number from 0.05 to 1, got 1.5"):
         _generate(app_module, rg1_path, strength=1.5)
+    for field, bad, label in [("steps", 0, "Denoising steps"), ("steps", "abc", "Denoising steps"),
+                              ("guidance", -1, "Text guidance"), ("image_guidance", float("nan"), "Image guidance"),
+                              ("num_images", 99, "Samples")]:
+        with pytest.raises(gr.Error, match=rf"{re.escape(label)} must be .* Change the {re.escape(label)} field"):
+            _generate(app_module, rg1_path, **{field: bad})
+
+
+def test_help_answers_before_gradio_is_imported():
+    import subprocess
+    import sys
+    import time
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "app.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and all(f in res.stdout for f in ("--model", "--port", "--host", "--share"))
+    assert time.perf_counter() - t0 < 3.0
+
+
+def test_example_priors_come_from_rg1_and_raise_no_warning(app_module):
+    from biomedjourney.imaging import cxr_warnings, read_image
+    files = app_module._example_files()
+    assert len(files) == 4 and all(Path(f).name.startswith("RG1_UNCI") for f in files)
+    assert {Path(f).suffix for f in files} == {".dcm", ".png", ".jpg"}
+    for f in files:
+        img = read_image(f)
+        assert not img.meta.get("synthetic") and cxr_warnings(img) == [], f
+
+
+def test_model_status_shows_no_absolute_path(app_module, tiny_model_dir):
+    status = app_module.on_load()[-1]
+    assert str(tiny_model_dir) not in status and tiny_model_dir.name in status
 
 
 # ----------------------------------------------------------------------------- generate

@@ -29,7 +29,8 @@ def test_peer_matches_ours_at_equal_settings(bench):
     req = bench.make_request(pipe, prior=np.random.RandomState(0).rand(r, r).astype(np.float32))
     res = bench.benchmark(pipe, sizes=(2,), repeats=1, req=req, peer_default_steps=3, equal_steps=3, matmul_size=256)
     s = res["sizes"][2]
-    assert set(s["rows"]) == {"ours_equal", "peer_equal", "ours_equal_nomask", "ours_default", "peer_default"}
+    assert set(s["rows"]) == {"ours_equal", "peer_equal", "ours_equal_nomask", "ours_default", "peer_default",
+                              "ours_service"}
     for name, row in s["rows"].items():
         assert row["shape"] == [[r, r]] * 2 and row["finite"], name
         assert row["median_s"] > 0 and row["unet_gflop"] > 0 and row["peak_mb"] > 0, name

@@ -67,6 +67,7 @@ def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_fi
     pipe = BiomedJourneyPipeline.from_pretrained(ASSETS / "biomedjourney-cxr", device="cpu")
     d = pipe.defaults
     assert (d.strength, d.negative_prompt, d.change_transfer) == (0.6, NO_CHANGE, True)
+    assert (d.region, d.render, d.render_strength) == ("auto", True, 0.3)   # assets/MODEL_CARD.md, "Following the text"
     same = pipe(rg1_path, NO_CHANGE, num_images=1, seed=0, change_transfer=False)
     new = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=0, change_transfer=False)
     assert image_ssim(same.images[0], same.prior) > 0.75
@@ -78,7 +79,8 @@ def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_fi
 def test_model_card_states_use_licence_and_results():
     card = (ASSETS / "MODEL_CARD.md").read_text()
     for needle in ("not for diagnosis", "CC BY-NC-SA 4.0", "PSNR", "validation_grid.png", "train/configs/demo-cpu.yaml",
-                   "--identity-prob 0.2", "--latent-noise 0.3", "lung_mask.png"):
+                   "--identity-prob 0.2", "--latent-noise 0.3", "lung_mask.png", "Following the text",
+                   "knowledge-driven", "CC BY 4.0", "Dice"):
         assert needle in card
     for png in ("validation_grid.png", "validation_grid_plain.png", "lung_mask.png"):
         assert (ASSETS / png).stat().st_size > 20_000, png

@@ -393,8 +393,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed .. seed+S-1 for every prior")
     ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SamplerConfig default (e.g. render_strength=0.3, guidance_scale=4.0)")
-    ap.add_argument("--render", choices=("on", "off"), default="off")
-    ap.add_argument("--region", choices=("auto", "off"), default="auto")
+    ap.add_argument("--render", choices=("on", "off"), default=None, help="default: the model's")
+    ap.add_argument("--region", choices=("auto", "off"), default=None, help="default: the model's")
     ap.add_argument("--label", default=None, help="name of this configuration (report title)")
     ap.add_argument("--data", default=None, help="dataset folder (default $BIOMEDJOURNEY_DATA / ../shared/data/cxr)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
@@ -418,9 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     priors = select_priors(a.priors, a.data, pipe.resolution)
     if len(priors) < 2:
         raise ValueError(f"need >= 2 No-Finding validation priors, found {len(priors)}")
-    g = generate_all(pipe, priors, list(range(a.seed, a.seed + a.seeds)), region=a.region, render=a.render == "on")
+    region = a.region or pipe.defaults.region
+    render = pipe.defaults.render if a.render is None else a.render == "on"
+    g = generate_all(pipe, priors, list(range(a.seed, a.seed + a.seeds)), region=region, render=render)
     label = a.label or a.out.name
-    settings = {"label": label, "model": model, "region": a.region, "render": a.render == "on",
+    settings = {"label": label, "model": model, "region": region, "render": render,
                 "overrides": a.sampler, "sampler": dataclasses.asdict(pipe.defaults), "resolution": pipe.resolution}
     res = summarise(g, ev, settings)
     a.out.mkdir(parents=True, exist_ok=True)
