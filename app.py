@@ -49,7 +49,7 @@ from biomedjourney.config import ModelConfig, SamplerConfig
 from biomedjourney.findings import Finding, extract, render as canonical_text
 from biomedjourney.findings.schema import Change, FindingName, Severity, Side, Zone
 from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_warnings, mark_synthetic,
-                                   read_image, save_png, to_model_input)
+                                   read_image, to_model_input)
 from biomedjourney.model import SCHEDULERS
 from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, _public_model_id,
                                     default_model_path, denoising_steps, read_defaults)
@@ -448,12 +448,12 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
                 duration_ms=800, strength=None, transfer=None, request: gr.Request | None = None,
                 progress=gr.Progress()):
     """A sequence of descriptions -> filmstrip, animated GIF and downloads (one sample per step)."""
-    from biomedjourney.export import save_outputs
+    from biomedjourney.service import run_journey as journey_service
 
     _check_description(journey_text, "journey")
     duration_ms = _number(duration_ms, "duration_ms")
     try:
-        plan = journey.parse_journey(journey_text)
+        journey.parse_journey(journey_text)
     except ValueError as e:
         raise _error(str(e), title="Cannot read the journey") from None
     loaded = _read_prior(prior_file)
@@ -461,28 +461,15 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     seed = _seed(seed, randomise)
     pipe = get_pipe()
     try:
-        outs = journey.generate_journey(pipe, loaded, [d for _, d in plan], seed=seed, num_images=1,
-                                        callback=lambda i, total: progress((i, total), desc="Generating the journey",
-                                                                           unit="steps"), **sampler)
+        r = journey_service(pipe, loaded, journey_text, seed=seed, sampler=sampler, out=_run_folder(request, "journey"),
+                            frame_ms=int(duration_ms),
+                            on_step=lambda i, total: progress((i, total), desc="Generating the journey", unit="steps"))
     except ValueError as e:
         raise _error(str(e), title="Invalid settings") from None
-
-    progress(0.97, desc="Filmstrip and GIF")
-    folder = _run_folder(request, "journey")
-    frames = [outs[0].prior] + [o.images[0] for o in outs]
-    labels = ["prior (input)"] + [label for label, _ in plan]
-    marks = [False] + [True] * len(outs)  # the uploaded prior is real: labelled, not marked synthetic
-    strip = journey.filmstrip(frames, labels, synthetic=marks)
-    shown = [save_png(strip / 255.0, folder / "journey_filmstrip.png", burn_in=False,
-                      description=" | ".join(f"{lab}: {d}" for lab, d in plan)),
-             journey.write_gif(frames, labels, folder / "journey.gif", int(duration_ms), synthetic=marks)]
-    step_files = [p for k, ((_, desc), out) in enumerate(zip(plan, outs), 1)
-                  for p in save_outputs(out, folder / f"step{k:02d}", prompt=desc, dicom=True, source=loaded,
-                                       prefix=f"step{k:02d}")]
-    zip_path = journey.make_zip(shown + step_files, folder / "biomedjourney_journey.zip")
-    settings = {"steps": [{"label": lab, "description": d, **o.settings} for (lab, d), o in zip(plan, outs)],
+    settings = {"steps": [{"label": lab, "description": d, **o.settings} for (lab, d), o in zip(r.steps, r.results)],
                 "seed": seed, "frame_ms": int(duration_ms), "disclaimer": NOTICE}
-    return strip, str(shown[1]), settings, [str(p) for p in shown], str(zip_path), seed
+    shown = [str(r.filmstrip), str(r.gif)]
+    return str(r.filmstrip), str(r.gif), settings, shown, str(r.zip), seed
 
 
 def on_load():

@@ -1,8 +1,9 @@
 """Journey mode: a sequence of descriptions applied one after another.
 
     steps = parse_journey("day 3: worsening opacities; day 10: partial resolution")
-    outs = generate_journey(pipe, prior, [d for _, d in steps], seed=0)
-    frames = [outs[0].prior] + [o.images[0] for o in outs]
+    filmstrip(frames, labels), write_gif(frames, labels, path), make_zip(paths, zip_path)
+
+The generation loop is biomedjourney.service.run_journey (each step region-restricted like a single request).
 
 Each step's first sample becomes the next step's prior, so errors accumulate along the way:
 a long journey drifts further from anything real than a single step does.
@@ -13,13 +14,12 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .imaging import SYNTHETIC_DESCRIPTION, atomic_write, to_uint8, mark_synthetic
-from .pipeline import denoising_steps, progress_callback
 
 MAX_STEPS = 12          # a journey longer than this is refused (each step is a full generation)
 MAX_LABEL_CHARS = 30    # "label: description": a longer prefix is part of the description
@@ -52,31 +52,6 @@ def parse_journey(text: str, max_steps: int = MAX_STEPS) -> list[tuple[str, str]
                              f"after the colon, e.g. '{label}: increasing right pleural effusion'.")
         steps.append((label or f"step {i}", desc))
     return steps
-
-
-def generate_journey(pipe: Any, prior: Any, steps: Sequence[str], *, seed: int,
-                     callback: Callable[[int, int], None] | None = None, **sampler) -> list:
-    """Run ``pipe`` once per description; step k's first image is step k+1's prior.
-
-    Step k uses seed ``seed + k`` (so a journey is reproducible from one number); ``sampler``
-    is passed to every call (num_images, num_inference_steps, guidance scales, scheduler).
-    ``callback(done, total)`` counts denoising steps over the whole journey.
-    Returns one GenerationOutput per step (outs[0].prior is the original prior as the model saw it).
-    """
-    steps = list(steps)
-    if not steps:
-        raise ValueError("generate_journey needs at least one description")
-    d = pipe.defaults
-    n_steps = denoising_steps(sampler.get("num_inference_steps") or d.num_inference_steps,
-                              d.strength if sampler.get("strength") is None else sampler["strength"])
-    total = n_steps * len(steps)
-    outs = []
-    for k, description in enumerate(steps):
-        cb = None if callback is None else progress_callback(lambda i, k=k: callback(k * n_steps + i, total))
-        out = pipe(prior, description, seed=seed + k, callback_on_step_end=cb, **sampler)
-        outs.append(out)
-        prior = out.images[0]  # (R, R) [0, 1], raw (no label burned in)
-    return outs
 
 
 def _font(px: int):
@@ -160,4 +135,4 @@ def make_zip(paths: Sequence[str | os.PathLike], zip_path: str | os.PathLike) ->
     return atomic_write(zip_path, write)
 
 
-__all__ = ["parse_journey", "generate_journey", "filmstrip", "write_gif", "make_zip", "MAX_STEPS"]
+__all__ = ["parse_journey", "filmstrip", "write_gif", "make_zip", "MAX_STEPS"]

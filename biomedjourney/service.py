@@ -103,10 +103,11 @@ def _rendered_names() -> frozenset:
     return RENDERED_FINDINGS
 
 
-def _region(findings, prior_img, painted, region, notes) -> tuple[np.ndarray | None, str, Any]:
+def _region(findings, prior_img, painted, region, notes, render) -> tuple[np.ndarray | None, str, Any]:
     from .anatomy import segment
     from .masks import check_user_mask, edit_mask
-    anatomy = segment(prior_img, size=prior_img.shape[-1]) if findings or painted is not None else None
+    needed = bool(findings) and (region != "off" or render)    # the lungs place the mask and the drawing
+    anatomy = segment(prior_img, size=prior_img.shape[-1]) if needed else None
     if anatomy is not None:
         notes += anatomy.warnings
     if painted is not None:
@@ -135,7 +136,7 @@ def plan_edit(prior_img: np.ndarray, description: str, seeds: list[int], *, regi
         notes.append(f"No finding recognised in {text!r}: the model gets your words as written and the whole film "
                      "may change. Use the composer or name a finding (effusion, edema, consolidation, ...).")
     notes += _rare_notes(changing, render) + _side_notes(text, findings)
-    mask, source, anatomy = _region(changing, prior_img, painted_mask, region, notes)
+    mask, source, anatomy = _region(changing, prior_img, painted_mask, region, notes, render)
     plan = EditPlan(findings=findings, canonical=render_text(findings), mask=mask, mask_source=source,
                     anatomy=anatomy, notes=notes)
     drawable = [f for f in changing if f.name in _rendered_names()]
@@ -173,7 +174,9 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
                      render=render)
     kw = dict(sampler or {})
     if plan.renderings is not None and kw.get("strength") is None:
-        kw["strength"] = d.render_strength  # SDEdit harmonisation of the drawing: a low strength keeps its shape
+        # SDEdit harmonisation of the drawing: a low strength keeps its shape (at least one denoising step)
+        steps = kw.get("num_inference_steps") or d.num_inference_steps
+        kw["strength"] = max(d.render_strength, 1.0 / steps)
     t0 = time.perf_counter()
     out = pipe(prior_img, description, num_images=n, seed=seed, mask_image=plan.mask, init_image=plan.renderings,
                callback_on_step_end=None if on_step is None else progress_callback(on_step), **kw)

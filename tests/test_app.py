@@ -13,7 +13,6 @@ from PIL import Image
 from biomedjourney import journey, masks
 from biomedjourney.config import SamplerConfig
 from biomedjourney.imaging import read_dicom_markers, synthetic_label_box
-from biomedjourney.pipeline import GenerationOutput
 from biomedjourney.progression import ProgressionResult
 
 DESC = "New right pleural effusion."
@@ -295,7 +294,8 @@ def test_describe_names_the_llm_backend(app_module, monkeypatch):
 def test_journey_returns_a_gif_and_a_filmstrip(app_module, small_png):
     strip, gif, settings, files, zip_path, seed = app_module.run_journey(
         small_png, "day 3: new effusion; day 10: partial resolution", 3, 4.0, 1.5, 5, False, "ddim", 300)
-    assert strip.dtype == np.uint8 and strip.shape[1] == 3 * 64 + 2 * journey.GAP
+    with Image.open(strip) as im:
+        assert im.width == 3 * 64 + 2 * journey.GAP
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == 3 and im.info["duration"] == 300
         assert b"SYNTHETIC" in im.info["comment"]
@@ -357,34 +357,21 @@ def test_parse_journey():
             journey.parse_journey(bad)
 
 
-class _FakePipe:
-    """Records the prior of each call; returns prior + 0.1 (first image) and prior − 0.1."""
-    defaults = SamplerConfig(num_inference_steps=5)
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, prior, prompt, seed, callback_on_step_end=None, **kw):
-        p = np.asarray(prior, np.float32)
-        self.calls.append((p.copy(), prompt, seed, kw))
-        for i in range(kw.get("num_inference_steps") or 5):
-            callback_on_step_end and callback_on_step_end(self, i, 999 - i, {})
-        return GenerationOutput(images=[p + 0.1, p - 0.1], prior=p, seeds=[seed, seed + 1])
-
-
-def test_generate_journey_chains_first_samples():
-    pipe, ticks = _FakePipe(), []
-    start = np.zeros((8, 8), np.float32)
-    outs = journey.generate_journey(pipe, start, ["a", "b", "c"], seed=4, callback=lambda d, t: ticks.append((d, t)),
-                                    guidance_scale=2.0)
-    assert [c[1] for c in pipe.calls] == ["a", "b", "c"] and [c[2] for c in pipe.calls] == [4, 5, 6]
-    for k, (p, *_rest) in enumerate(pipe.calls):
-        assert np.allclose(p, 0.1 * k)  # step k starts from step k-1's first image
-    assert all(c[3] == {"guidance_scale": 2.0} for c in pipe.calls)
-    assert ticks == [(i, 15) for i in range(1, 16)]
-    assert len(outs) == 3 and np.allclose(outs[-1].images[0], 0.3)
-    with pytest.raises(ValueError):
-        journey.generate_journey(pipe, start, [], seed=0)
+def test_journey_service_chains_each_steps_image_into_the_next_prior(tmp_path):
+    from biomedjourney.pipeline import tiny_pipeline
+    from biomedjourney.service import run_journey
+    pipe, ticks = tiny_pipeline(seed=0), []
+    start = np.random.default_rng(0).uniform(0.2, 0.8, (64, 64)).astype(np.float32)
+    r = run_journey(pipe, start, "a: new right pleural effusion; b: new left pleural effusion; c: edema", seed=4,
+                    sampler={"num_inference_steps": 3, "change_transfer": False}, region="off", render=False,
+                    on_step=lambda i, total: ticks.append((i, total)))
+    assert [x.seeds for x in r.results] == [[4], [5], [6]] and [lab for lab, _ in r.steps] == ["a", "b", "c"]
+    np.testing.assert_array_equal(r.results[0].prior, start)
+    for k in (1, 2):  # step k starts from step k-1's image
+        np.testing.assert_array_equal(r.results[k].prior, r.results[k - 1].images[0])
+    assert ticks == [(i, 9) for i in range(1, 10)] and len(r.frames) == 4 and r.filmstrip is None
+    with pytest.raises(ValueError, match="journey is empty"):
+        run_journey(pipe, start, " ; ", seed=0)
 
 
 def test_filmstrip_and_gif_mark_generated_frames(tmp_path):

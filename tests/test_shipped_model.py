@@ -80,7 +80,7 @@ def test_model_card_states_use_licence_and_results():
     card = (ASSETS / "MODEL_CARD.md").read_text()
     for needle in ("not for diagnosis", "CC BY-NC-SA 4.0", "PSNR", "validation_grid.png", "train/configs/demo-cpu.yaml",
                    "--identity-prob 0.2", "--latent-noise 0.3", "lung_mask.png", "Following the text",
-                   "knowledge-driven", "CC BY 4.0", "Dice"):
+                   "Knowledge-driven rendering", "CC BY 4.0", "Dice"):
         assert needle in card
     for png in ("validation_grid.png", "validation_grid_plain.png", "lung_mask.png"):
         assert (ASSETS / png).stat().st_size > 20_000, png

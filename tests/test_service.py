@@ -1,0 +1,39 @@
+"""The service the app, CLI and API share: plan (findings, region, rendering, notes) and generation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from biomedjourney.config import NO_CHANGE
+from biomedjourney.service import generate_followups, plan_edit
+
+
+@pytest.fixture(scope="module")
+def film():
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    lungs = (((x - 0.3) / 0.16) ** 2 + ((y - 0.45) / 0.28) ** 2 < 1) | (((x - 0.7) / 0.16) ** 2 + ((y - 0.45) / 0.28) ** 2 < 1)
+    return np.where(lungs, 0.25, 0.75).astype(np.float32)                 # (64, 64): dark lungs, bright rest
+
+
+def test_rendering_harmonises_in_at_least_one_step_however_few_steps(pipe, film):
+    r = generate_followups(pipe, film, "New right pleural effusion.", seed=0, num_images=1, render=True,
+                           sampler={"num_inference_steps": 2})
+    assert r.settings["strength"] == 0.5 and r.plan.renderings is not None and r.plan.rendered
+    assert r.settings["knowledge_rendering"] == r.plan.rendered and r.settings["edit_mask"] == "findings"
+
+
+def test_plan_says_what_it_read_and_where(film):
+    p = plan_edit(film, "New right pleural effusion on the left.", [0])
+    assert p.chips() == ["pleural effusion · right · new"] and p.mask_source == "findings"
+    assert any("both right and left" in n for n in p.notes)
+    rare = plan_edit(film, "New right pneumothorax.", [0], render=False)
+    assert any(n.startswith("pneumothorax: 11 training images") and "expect little change" in n for n in rare.notes)
+    unknown = plan_edit(film, "Something odd happened.", [0])
+    assert unknown.mask is None and unknown.mask_source == "whole film" and "No finding recognised" in unknown.notes[0]
+    same = plan_edit(film, NO_CHANGE, [0])
+    assert same.findings == [] and same.mask is None and same.notes == []
+
+
+def test_an_empty_painted_mask_is_refused_with_the_reason(film):
+    with pytest.raises(ValueError, match="empty"):
+        plan_edit(film, "New right pleural effusion.", [0], painted_mask=np.zeros((64, 64), np.float32))
