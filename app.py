@@ -501,17 +501,19 @@ CSS = """
 #followups .grid-wrap, #heatmaps .grid-wrap {padding-top: 40px !important;}
 /* setting hints (info text) readable: darker than gradio's default grey */
 [data-testid="block-info"] + span, .block-info, span[data-testid="block-info"] ~ div, label > span + div,
-.info, [class*="info"] > p {color: #374151 !important; opacity: 1 !important;}
-.dark [data-testid="block-info"] + span, .dark .info {color: #e5e7eb !important;}
+.info, .info-text, [class*="info"] > p {color: #374151 !important; opacity: 1 !important;}
+.dark [data-testid="block-info"] + span, .dark .info, .dark .info-text {color: #e5e7eb !important;}
 """
 THEME = gr.themes.Soft(primary_hue="blue")
 
 _d = initial_defaults()
 EXAMPLE_DESCRIPTIONS = EXAMPLES_MODEL + (EXAMPLES_RENDERED if _d.render else []) + [NO_CHANGE]
-EXAMPLES_NOTE = ("<sub>The shipped model itself draws effusion, edema and consolidation inside the described region. "
-                 "With 'Draw the finding from radiological knowledge' it also draws cardiomegaly and pneumothorax "
-                 "(few training images): a knowledge-driven rendering harmonised by the model. See the model card "
-                 "(assets/MODEL_CARD.md).</sub>")
+EXAMPLES_NOTE = ("<sub>With 'Draw the finding from radiological knowledge' (the shipped default) each example is drawn "
+                 "inside its region from radiological knowledge and harmonised by the model. Without it the model "
+                 "alone changes the region only faintly: it learned 'abnormal', not which abnormality. See the model "
+                 "card (assets/MODEL_CARD.md, 'Following the text').</sub>")
+
+
 def build_demo() -> gr.Blocks:
     """The whole UI (built on first use of app.demo or by main(), not at import)."""
     with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(3600, 24 * 3600)) as demo:
