@@ -263,7 +263,7 @@ def test_examples_are_what_the_model_draws(app_module):
     d = app_module.get_pipe().defaults
     assert ("New right pneumothorax." in app_module.EXAMPLE_DESCRIPTIONS) == d.render
     assert "New right pleural effusion." in app_module.EXAMPLE_DESCRIPTIONS
-    assert "knowledge-driven rendering harmonised by the model" in app_module.EXAMPLES_NOTE
+    assert "drawn inside its region from radiological knowledge and harmonised by the model" in app_module.EXAMPLES_NOTE
 
 
 # ----------------------------------------------------------------------------- describe
