@@ -14,7 +14,6 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from . import NOTICE
-from .resources import file_sha256
 from .imaging import PROGRESSION_LABEL, LoadedImage, atomic_write, save_png, write_dicom
 from .pipeline import GenerationOutput, _public_model_id
 
@@ -38,23 +37,6 @@ def public_settings(settings: dict) -> dict:
     return out
 
 
-def model_sha256(model: Any, digits: int = 16) -> str:
-    """Short content hash of a local model folder: sha256 of its unet weights file; '' when not local."""
-    try:
-        folder = Path(str(model))
-        if not folder.is_dir():  # settings hold the folder's name only: the configured model of that name
-            from .pipeline import default_model_path
-            guess = Path(str(default_model_path()))
-            folder = guess if guess.name == folder.name else folder
-    except (FileNotFoundError, TypeError, OSError):
-        return ""
-    try:
-        weights = sorted((folder / "unet").glob("*.safetensors")) + sorted((folder / "unet").glob("*.bin"))
-    except (TypeError, OSError):
-        return ""
-    return file_sha256(weights[0])[:digits] if model and weights else ""
-
-
 def series_description(prompt: str) -> str:
     """DICOM SeriesDescription (LO, 64 bytes) naming the run: still says SYNTHETIC first."""
     head, text = "SYNTHETIC, not for diagnosis: ", " ".join(str(prompt).split())
@@ -75,16 +57,13 @@ def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | Non
     neither they nor settings.json carry an absolute local path (see public_settings). A new study unless
     ``study_uid`` is given (the prior's, from ``imaging.dicom_study_uid``, when the user asks the series to join
     the prior's study: only that UID is used; patient identifiers are never copied). settings.json records
-    the model's folder name and ``model_sha256`` (first 16 hex digits of its unet weights file)."""
+    the model's folder name and ``model_sha256`` (the pipeline's: first 16 hex digits of its unet weights file)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = out.settings.get("prompt", "") if prompt is None else prompt
     public = public_settings(out.settings)
     # one study, one series per call: the N samples are instances 1..N of the same series
     study_uid, series_uid, when = study_uid or generate_uid(), generate_uid(), datetime.now()
-    model_hash = model_sha256(out.settings.get("model"))
-    if model_hash:
-        public["model_sha256"] = model_hash
     paths: list[Path] = []
     if out.prior is not None:
         paths.append(save_png(out.prior, folder / "prior_input.png", synthetic=False))

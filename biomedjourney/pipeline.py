@@ -78,6 +78,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                                 sampler=to_dict(SamplerConfig.from_dict(sampler or {})))
         self.info: dict = {}          # provenance, saved as biomedjourney.json
         self.model_id = ""            # where it was loaded from (settings.json records it)
+        self.model_sha256 = ""        # short content hash of the loaded unet weights (settings.json records it)
         self._fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # "", negative prompt, NO_CHANGE
 
     # ----------------------------------------------------------------- properties
@@ -153,6 +154,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         info_file = Path(pipe.config._name_or_path) / CONFIG_FILE
         pipe.info = json.loads(info_file.read_text()).get("info", {}) if info_file.is_file() else {}
         pipe.model_id = src
+        pipe.model_sha256 = _weights_sha256(Path(pipe.config._name_or_path))  # once per load: settings carry it
         pipe.set_progress_bar_config(disable=True)  # callers show progress (tqdm in the CLI, gr.Progress in the app)
         return pipe.to(device)
 
@@ -292,7 +294,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                           mask_image, init_image, output_type)
         settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
                     "init_image": init_image is not None, "resolution": self.resolution,
-                    "model": _public_model_id(self.model_id), "biomedjourney_version": __version__}
+                    "model": _public_model_id(self.model_id), "model_sha256": self.model_sha256,
+                    "biomedjourney_version": __version__}
         prior_img = None if r.text_only else self.prepare_prior(prior)
         if r.k == 2 and init_image is None and prompt_embeds is None and prompt.strip() == NO_CHANGE:
             # both trajectories would be the same sample, so prior + (a - a): nothing to denoise
@@ -461,6 +464,13 @@ def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.T
 
 def _masked(change: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return change * mask.astype(np.float32)
+
+
+def _weights_sha256(folder: Path, digits: int = 16) -> str:
+    """First `digits` hex digits of the sha256 of the folder's unet weights file ('' when there is none)."""
+    from .resources import file_sha256
+    weights = sorted((folder / "unet").glob("*.safetensors")) if folder.is_dir() else []
+    return file_sha256(weights[0])[:digits] if weights else ""
 
 
 def _public_model_id(model_id: str) -> str:
