@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,15 +136,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                         dtype: torch.dtype | None = None, **kwargs) -> "BiomedJourneyPipeline":
         """A local model folder, or a Hugging Face Hub repo id (downloaded only when asked for).
         None: $BIOMEDJOURNEY_MODEL or the shipped model. Other kwargs go to diffusers' from_pretrained."""
-        src = str(pretrained_model_name_or_path) if pretrained_model_name_or_path else str(default_model_path())
-        folder = Path(src).expanduser()
-        local = folder.exists()
-        if not local and (pretrained_model_name_or_path is None or src.startswith((".", "/", "~"))
-                          or src.count("/") != 1):
-            raise FileNotFoundError(f"No model folder at {folder}. Pass --model PATH_OR_HUB_ID, set ${MODEL_ENV}, "
-                                    f"or train one (README: 'Training').")
-        if local and not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a BiomedJourney model folder: model_index.json is missing")
+        src, folder, local = _model_source(pretrained_model_name_or_path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or kwargs.pop("torch_dtype", None) or (torch.float16 if device.type == "cuda" else torch.float32)
         kwargs.setdefault("local_files_only", local)
@@ -166,21 +158,12 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a string, got {type(text).__name__}")
-        if not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
-        if not 1 <= steps <= 1000:
-            raise ValueError(f"num_inference_steps must be between 1 and 1000, got {steps}")
-        for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
-            if not np.isfinite(g) or g < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {g}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if denoising_steps(steps, strength) < 1:
-            raise ValueError(f"strength {strength} x {steps} steps leaves no denoising step: raise either")
+        _check_numbers(num_images, steps, guidance_scale, image_guidance_scale, scheduler, strength)
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil' or 'latent', got {output_type!r}")
+        self._check_arrays(num_images, mask_image, init_image)
+
+    def _check_arrays(self, num_images: int, mask_image, init_image) -> None:
         r = self.resolution
         for name, a, shapes in (("mask_image", mask_image, [(r, r)]), ("init_image", init_image, [(r, r), (num_images, r, r)])):
             if a is not None and (not isinstance(a, np.ndarray) or a.shape not in shapes or not np.isfinite(a).all()):
@@ -281,15 +264,17 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         `prompt` and the sample for NO_CHANGE drawn with the same noise (common random numbers), so the
         model's own blur cancels and only the described change is added. `mask_image` ((R, R) in [0, 1]):
         only this region may change (blended latent diffusion; the prior is kept outside). `init_image`
-        ((R, R), or (B, R, R): one per image): the prompt's trajectory starts from this picture noised to `strength` instead of the prior
-        (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al. 2022,
-        arXiv:2108.01073); the reference (NO_CHANGE) trajectory still starts from the prior."""
+        ((R, R), or (B, R, R): one per image): the trajectory starts from this picture noised to `strength` instead
+        of the prior (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al.
+        2022, arXiv:2108.01073); change transfer then takes the start picture itself as the reference
+        (start + sample - decode(encode(start))), so no NO_CHANGE trajectory is drawn."""
         r = self._resolve(prior is None, dict(num_images=num_images, num_inference_steps=num_inference_steps,
                                               guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                                               scheduler=scheduler, strength=strength, negative_prompt=negative_prompt,
                                               change_transfer=change_transfer, seed=seed))
         if r.text_only:
             mask_image, init_image = None, None  # nothing to keep or to start from
+        r = replace(r, from_start=init_image is not None and r.transfer)  # the reference: the start picture (step 5)
         self.check_inputs(prompt, r.n, r.steps, r.g_text, r.g_img, r.scheduler, r.strength, r.negative_prompt,
                           mask_image, init_image, output_type)
         settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
@@ -314,33 +299,52 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         sched = make_scheduler(r.scheduler, self.scheduler.config)  # a fresh instance: concurrent calls share no state
         sched.set_timesteps(r.steps, device=self.device)
         timesteps = self.get_timesteps(sched, r.steps, r.strength)
-        noise = randn_tensor(prior_lat[:r.n].shape, generator=generator, device=torch.device("cpu"),
+        latents, noise, generator = self._initial_latents(sched, timesteps, start_lat, generator, r)
+        # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
+        step = dict(sched=sched, timesteps=timesteps, noise=noise, image_cond=image_cond, emb=emb, emb_mask=emb_mask,
+                    prior_lat=prior_lat, latent_mask=latent_mask, generator=generator)
+        latents = self._denoise(latents, step, r, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs or self._callback_tensor_inputs)
+        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE), or from a start picture:
+        #    start + sample - decode(encode(start)); keep mask: the prior outside
+        if output_type == "latent":
+            return self._output(list(latents[:r.n]), prior_img, r.seeds, settings, mask_image, output_type, return_dict)
+        images = self.decode_latents(latents)
+        if r.from_start:
+            images = _from_start(images, self.decode_latents(start_lat[:r.n]), init_image, prior_img, mask_image)
+        else:
+            images = _compose(images, prior_img, mask_image, r)
+        return self._output(images, prior_img, r.seeds, settings, mask_image, output_type, return_dict)
+
+    def _initial_latents(self, sched, timesteps, start_lat, generator, r: "_Settings"):
+        """(latents, noise, generators): pure noise, or the start picture noised to the first timestep (img2img)."""
+        noise = randn_tensor(start_lat[:r.n].shape, generator=generator, device=torch.device("cpu"),
                              dtype=torch.float32).to(self.device, self.dtype).repeat(r.k, 1, 1, 1)   # (kB, C, h, w)
-        if r.transfer:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
+        if r.k == 2:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
             generator = generator + [_clone(g) for g in generator]
         if len(timesteps) < len(sched.timesteps):
             latents = sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(r.k * r.n)).to(self.dtype)
         else:
             latents = noise * sched.init_noise_sigma
-        # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
+        return latents, noise, generator
+
+    def _denoise(self, latents: torch.Tensor, s: dict, r: "_Settings", callback, names: list[str]) -> torch.Tensor:
+        """The sampling loop. s: sched, timesteps, noise, image_cond, emb, emb_mask, prior_lat, latent_mask, generator.
+        `callback(pipe, i, t, tensors)` gets {name: tensor} for `names` (latents or any entry of s) after each step."""
+        sched, timesteps, mask = s["sched"], s["timesteps"], s["latent_mask"]
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                eps = self._guided_eps(sched, latents, t, image_cond, emb, emb_mask, r)
-                latents = sched.step(eps, t, latents.float(), generator=generator).prev_sample.to(self.dtype)
-                if latent_mask is not None:  # blended latent diffusion: outside the mask, the prior at this noise level
-                    kept = prior_lat if i + 1 == len(timesteps) else sched.add_noise(
-                        prior_lat.float(), noise.float(), timesteps[i + 1:i + 2].repeat(r.k * r.n)).to(self.dtype)
-                    latents = latent_mask * latents + (1 - latent_mask) * kept
-                if callback_on_step_end is not None:
-                    here = locals()
-                    names = callback_on_step_end_tensor_inputs or self._callback_tensor_inputs
-                    latents = (callback_on_step_end(self, i, t, {k: here[k] for k in names}) or {}).get("latents", latents)
+                eps = self._guided_eps(sched, latents, t, s["image_cond"], s["emb"], s["emb_mask"], r)
+                latents = sched.step(eps, t, latents.float(), generator=s["generator"]).prev_sample.to(self.dtype)
+                if mask is not None:  # blended latent diffusion: outside the mask, the prior at this noise level
+                    kept = s["prior_lat"] if i + 1 == len(timesteps) else sched.add_noise(
+                        s["prior_lat"].float(), s["noise"].float(), timesteps[i + 1:i + 2].repeat(r.k * r.n)).to(self.dtype)
+                    latents = mask * latents + (1 - mask) * kept                          # (kB, C, h, w)
+                if callback is not None:
+                    here = {**s, "latents": latents}
+                    latents = (callback(self, i, t, {k: here[k] for k in names}) or {}).get("latents", latents)
                 progress.update()
-        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE); keep mask: the prior outside
-        if output_type == "latent":
-            return self._output(list(latents[:r.n]), prior_img, r.seeds, settings, mask_image, output_type, return_dict)
-        images = _compose(self.decode_latents(latents), prior_img, mask_image, r)
-        return self._output(images, prior_img, r.seeds, settings, mask_image, output_type, return_dict)
+        return latents
 
     def _resolve(self, text_only: bool, given: dict) -> "_Settings":
         """Unset (None) arguments take the model's shipped defaults."""
@@ -383,6 +387,37 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         return GenerationOutput(images=images, prior=prior_img, seeds=seeds, settings=settings, mask=mask_image)
 
 
+def _model_source(name_or_path) -> tuple[str, Path, bool]:
+    """(source string, local folder, is local) for from_pretrained; None means $BIOMEDJOURNEY_MODEL or the shipped model."""
+    src = str(name_or_path) if name_or_path else str(default_model_path())
+    folder = Path(src).expanduser()
+    local = folder.exists()
+    hub_like = name_or_path is not None and not src.startswith((".", "/", "~")) and src.count("/") == 1
+    if not local and not hub_like:
+        raise FileNotFoundError(f"No model folder at {folder}. Pass --model PATH_OR_HUB_ID, set ${MODEL_ENV}, "
+                                f"or train one (README: 'Training').")
+    if local and not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a BiomedJourney model folder: model_index.json is missing")
+    return src, folder, local
+
+
+def _check_numbers(num_images: int, steps: int, guidance_scale: float, image_guidance_scale: float,
+                   scheduler: str, strength: float) -> None:
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"num_inference_steps must be between 1 and 1000, got {steps}")
+    for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+        if not np.isfinite(g) or g < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {g}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if denoising_steps(steps, strength) < 1:
+        raise ValueError(f"strength {strength} x {steps} steps leaves no denoising step: raise either")
+
+
 def denoising_steps(num_inference_steps: int, strength: float) -> int:
     """How many UNet steps a call makes (img2img skips the first 1 - strength of the schedule)."""
     return min(int(num_inference_steps * strength), num_inference_steps)
@@ -414,10 +449,11 @@ class _Settings:
     transfer: bool
     seed: int
     text_only: bool
+    from_start: bool = False   # change transfer against the start picture (init_image), not a NO_CHANGE sample
 
     @property
     def k(self) -> int:  # trajectories: [prompt] or [prompt, NO_CHANGE]
-        return 2 if self.transfer else 1
+        return 2 if self.transfer and not self.from_start else 1
 
     @property
     def branches(self) -> int:  # guidance branches: [text+prior, prior only, neither] (text-only: [text, neither])
@@ -431,7 +467,8 @@ class _Settings:
         return {"num_images": self.n, "num_inference_steps": self.steps, "guidance_scale": self.g_text,
                 "image_guidance_scale": self.g_img, "scheduler": self.scheduler, "strength": self.strength,
                 "negative_prompt": self.negative_prompt, "change_transfer": self.transfer, "seed": self.seed,
-                "seeds": self.seeds, "text_only": self.text_only}
+                "seeds": self.seeds, "text_only": self.text_only,
+                "transfer_reference": ("start picture" if self.from_start else "no-change sample") if self.transfer else None}
 
 
 def _generators(generator, r: _Settings) -> list[torch.Generator]:
@@ -451,6 +488,16 @@ def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings) -> l
     if mask_image is not None:
         return [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
     return images
+
+
+def _from_start(images: list[np.ndarray], start_recon: list[np.ndarray], init_image: np.ndarray, prior_img,
+                mask_image) -> list[np.ndarray]:
+    """Change transfer from a start picture: start + (sample - decode(encode(start))). The autoencoder's loss of
+    fine detail cancels as it does against a NO_CHANGE sample, but the detail kept is the START's (e.g. a rendered
+    effusion's damped lung markings), not the prior's, and no second trajectory is needed."""
+    starts = np.broadcast_to(init_image.astype(np.float32), (len(images), *images[0].shape))
+    m = 1.0 if mask_image is None else mask_image.astype(np.float32)
+    return [np.clip(prior_img + m * (s - prior_img + a - b), 0.0, 1.0) for a, b, s in zip(images, start_recon, starts)]
 
 
 def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.Tensor,

@@ -131,23 +131,32 @@ def plan_edit(prior_img: np.ndarray, description: str, seeds: list[int], *, regi
     text = (description or "").strip()
     findings = [] if text == NO_CHANGE else extract(text)
     changing = [f for f in findings if f.change != "unchanged"]
-    notes: list[str] = []
-    if text and text != NO_CHANGE and not findings:
-        notes.append(f"No finding recognised in {text!r}: the model gets your words as written and the whole film "
-                     "may change. Use the composer or name a finding (effusion, edema, consolidation, ...).")
-    notes += _rare_notes(changing, render) + _side_notes(text, findings)
+    notes = _text_notes(text, findings, changing, render)
     mask, source, anatomy = _region(changing, prior_img, painted_mask, region, notes, render)
     plan = EditPlan(findings=findings, canonical=render_text(findings), mask=mask, mask_source=source,
                     anatomy=anatomy, notes=notes)
     drawable = [f for f in changing if f.name in _rendered_names()]
     if render and drawable:
-        from .render import render_findings
-        rs = [render_findings(prior_img, drawable, anatomy, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        plan.renderings = np.stack([r.image for r in rs]).astype(np.float32)           # (B, R, R)
-        plan.rendered = rs[0].notes
-        if plan.mask is not None and source == "findings":  # the drawing's own extent belongs to the region
-            plan.mask = np.maximum(plan.mask, rs[0].mask).astype(np.float32)
+        _add_renderings(plan, prior_img, drawable, seeds)
     return plan
+
+
+def _text_notes(text: str, findings: list[Finding], changing: list[Finding], render: bool) -> list[str]:
+    notes: list[str] = []
+    if text and text != NO_CHANGE and not findings:
+        notes.append(f"No finding recognised in {text!r}: the model gets your words as written and the whole film "
+                     "may change. Use the composer or name a finding (effusion, edema, consolidation, ...).")
+    return notes + _rare_notes(changing, render) + _side_notes(text, findings)
+
+
+def _add_renderings(plan: EditPlan, prior_img: np.ndarray, drawable: list[Finding], seeds: list[int]) -> None:
+    """The knowledge-driven drawings the sampler starts from (one per seed); their extent joins the region."""
+    from .render import render_findings
+    rs = [render_findings(prior_img, drawable, plan.anatomy, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    plan.renderings = np.stack([r.image for r in rs]).astype(np.float32)               # (B, R, R)
+    plan.rendered = rs[0].notes
+    if plan.mask is not None and plan.mask_source == "findings":
+        plan.mask = np.maximum(plan.mask, rs[0].mask).astype(np.float32)
 
 
 def load_prior(prior: Any) -> tuple[LoadedImage | np.ndarray, list[str]]:
