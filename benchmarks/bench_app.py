@@ -105,7 +105,7 @@ def first_image(client, kwargs: dict) -> tuple[float, list, dict]:
     return dt, gallery, settings
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="sets BIOMEDJOURNEY_MODEL (default: as set, else the shipped model)")
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
@@ -114,43 +114,52 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: inherit)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--prior", default=None, help="prior image (default: pydicom's RG1_UNCI.dcm)")
-    a = ap.parse_args(argv)
-    port = a.port or free_port()
+    return ap
+
+
+def server_env(model: str | None, threads: int) -> dict:
+    """The app server's environment: offline, no analytics, the model to serve, optionally its threads."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["BIOMEDJOURNEY_MODEL"] = a.model or env.get("BIOMEDJOURNEY_MODEL") or str(ROOT / "assets" / "biomedjourney-cxr")
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    prior = a.prior
-    if prior is None:
-        from pydicom.data import get_testdata_file
-        prior = get_testdata_file("RG1_UNCI.dcm")
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env["BIOMEDJOURNEY_MODEL"] = model or env.get("BIOMEDJOURNEY_MODEL") or str(ROOT / "assets" / "biomedjourney-cxr")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def default_prior() -> str:
+    from pydicom.data import get_testdata_file
+    return get_testdata_file("RG1_UNCI.dcm")
+
+
+def measure(proc: subprocess.Popen, url: str, prior: str, a) -> tuple[float, float | None, list, float | None]:
+    """(cold start s, server peak RSS when idle, per request (seconds, images, the app's seconds), peak RSS)."""
     try:
-        try:
-            cold = wait_for_page(url, proc, a.timeout)
-        except (RuntimeError, TimeoutError) as e:
-            err = proc.stderr.read()[-3000:] if proc.poll() is not None else ""
-            raise SystemExit(f"{e}\n{err}") from None
-        rss_idle = peak_rss_mb(proc.pid)
-        from gradio_client import Client
-        client = Client(url, verbose=False)
-        kwargs = generate_inputs(client.view_api(print_info=False, return_format="dict"), prior, a.num_images)
-        rows = []
-        for i in range(a.requests):
-            dt, gallery, settings = first_image(client, kwargs)
-            if not gallery:
-                raise SystemExit(f"/generate returned no image: {gallery!r}")
-            rows.append((dt, len(gallery), settings.get("generation_seconds")))
-        rss = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        cold = wait_for_page(url, proc, a.timeout)
+    except (RuntimeError, TimeoutError) as e:
+        err = proc.stderr.read()[-3000:] if proc.poll() is not None else ""
+        raise SystemExit(f"{e}\n{err}") from None
+    rss_idle = peak_rss_mb(proc.pid)
+    from gradio_client import Client
+    client = Client(url, verbose=False)
+    kwargs = generate_inputs(client.view_api(print_info=False, return_format="dict"), prior, a.num_images)
+    rows = []
+    for _ in range(a.requests):
+        dt, gallery, settings = first_image(client, kwargs)
+        if not gallery:
+            raise SystemExit(f"/generate returned no image: {gallery!r}")
+        rows.append((dt, len(gallery), settings.get("generation_seconds")))
+    return cold, rss_idle, rows, peak_rss_mb(proc.pid)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def report(a, env: dict, port: int, cold: float, rss_idle: float | None, rows: list, rss: float | None) -> None:
     print(f"app.py  model {env['BIOMEDJOURNEY_MODEL']}  port {port}  server OMP_NUM_THREADS "
           f"{env.get('OMP_NUM_THREADS', '(unset)')}  {a.num_images} samples  prompt {PROMPT!r}")
     print(f"cold start to a served page (GET / = 200): {cold:.2f} s  (server peak RSS then "
@@ -163,6 +172,20 @@ def main(argv=None):
     print(f"summary: cold start {cold:.1f} s; first request {rows[0][0]:.1f} s; "
           f"warm request {min(r[0] for r in rows[1:]) if len(rows) > 1 else float('nan'):.1f} s "
           f"for {a.num_images} images; server peak RSS {rss or float('nan'):.0f} MB")
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
+    port = a.port or free_port()
+    env = server_env(a.model, a.threads)
+    prior = a.prior if a.prior is not None else default_prior()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        cold, rss_idle, rows, rss = measure(proc, f"http://127.0.0.1:{port}/", prior, a)
+    finally:
+        stop(proc)
+    report(a, env, port, cold, rss_idle, rows, rss)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ def __getattr__(name):  # lazy: importing the package stays cheap (no torch unti
     if name in ("BiomedJourneyPipeline", "GenerationOutput"):
         from . import pipeline
         return getattr(pipeline, name)
-    if name in ("load_image", "read_image"):
+    if name in ("load_image", "load_model_input", "read_image"):
         from . import imaging
         return getattr(imaging, name)
     if name == "describe_progression":

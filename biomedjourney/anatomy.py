@@ -307,40 +307,57 @@ def plausibility_problems(right: np.ndarray, left: np.ndarray, image: np.ndarray
     """Why two binary lung masks are not believable (empty list: plausible): each lung's area, its side,
     its shape (height/width, solidity), the size ratio of the two, and - given the model-input `image` -
     that the lung fields are darker than the heart estimated from them (air vs soft tissue)."""
-    from skimage.morphology import convex_hull_image
     h, w = right.shape
-    out = []
-    for side, m in (("right", right), ("left", left)):
-        frac = m.mean()
-        if frac < LUNG_AREA_RANGE[0] or frac > LUNG_AREA_RANGE[1]:
-            out.append(f"{side} lung {100 * frac:.0f}% of the image")
-            continue
-        half = image_half(side, w)
-        if abs(np.nonzero(m)[1].mean() - (half.start + half.stop) / 2) > 0.35 * w:
-            out.append(f"{side} lung not on the patient's {side} side of the image")
-            continue
-        rows, cols = np.nonzero(m)
-        bh, bw = np.ptp(rows) + 1, np.ptp(cols) + 1
-        solidity = m.sum() / max(1, convex_hull_image(m).sum())
-        if not (0.9 <= bh / bw <= 5.0) or solidity < 0.6 or bh < 0.25 * h:
-            out.append(f"{side} lung has an implausible shape")
-    if not out:
-        cr, cl = np.nonzero(right)[1].mean(), np.nonzero(left)[1].mean()
-        if (cr < cl) != (image_half("right", w).start == 0):
-            out.append("the lungs are on the wrong sides")
-    if not out:
-        ra, la = right.sum(), left.sum()
-        if max(ra, la) > 4 * min(ra, la):
-            out.append(f"the lungs differ in size more than 4-fold (right {100 * right.mean():.0f}%, "
-                       f"left {100 * left.mean():.0f}% of the image)")
-    if not out and image is not None:
-        x = np.asarray(image, np.float32)
-        heart = (estimate_heart(right, left) > 0.5) & ~(right | left)
-        lungs = right | left
-        contrast = (x[heart].mean() - x[lungs].mean()) / (x.std() + 1e-6) if heart.any() else 0.0
-        if contrast < MIN_HEART_LUNG_CONTRAST:
-            out.append(f"the lung fields are not darker than the heart (contrast {contrast:.2f} SD)")
-    return out
+    out = [p for p in (_lung_problem("right", right, h, w), _lung_problem("left", left, h, w)) if p]
+    if out:
+        return out
+    problem = _sides_problem(right, left) or _size_ratio_problem(right, left)
+    if problem is None and image is not None:
+        problem = _contrast_problem(right, left, image)
+    return [problem] if problem else []
+
+
+def _lung_problem(side: str, m: np.ndarray, h: int, w: int) -> str | None:
+    """What is wrong with one lung mask on its own (area, side of the image, shape), or None."""
+    from skimage.morphology import convex_hull_image
+    frac = m.mean()
+    if frac < LUNG_AREA_RANGE[0] or frac > LUNG_AREA_RANGE[1]:
+        return f"{side} lung {100 * frac:.0f}% of the image"
+    half = image_half(side, w)
+    if abs(np.nonzero(m)[1].mean() - (half.start + half.stop) / 2) > 0.35 * w:
+        return f"{side} lung not on the patient's {side} side of the image"
+    rows, cols = np.nonzero(m)
+    bh, bw = np.ptp(rows) + 1, np.ptp(cols) + 1
+    solidity = m.sum() / max(1, convex_hull_image(m).sum())
+    if not (0.9 <= bh / bw <= 5.0) or solidity < 0.6 or bh < 0.25 * h:
+        return f"{side} lung has an implausible shape"
+    return None
+
+
+def _sides_problem(right: np.ndarray, left: np.ndarray) -> str | None:
+    cr, cl = np.nonzero(right)[1].mean(), np.nonzero(left)[1].mean()
+    if (cr < cl) != (image_half("right", right.shape[1]).start == 0):
+        return "the lungs are on the wrong sides"
+    return None
+
+
+def _size_ratio_problem(right: np.ndarray, left: np.ndarray) -> str | None:
+    ra, la = right.sum(), left.sum()
+    if max(ra, la) > 4 * min(ra, la):
+        return (f"the lungs differ in size more than 4-fold (right {100 * right.mean():.0f}%, "
+                f"left {100 * left.mean():.0f}% of the image)")
+    return None
+
+
+def _contrast_problem(right: np.ndarray, left: np.ndarray, image: np.ndarray) -> str | None:
+    """The lung fields must be darker than the heart estimated from them (air vs soft tissue)."""
+    x = np.asarray(image, np.float32)
+    heart = (estimate_heart(right, left) > 0.5) & ~(right | left)
+    lungs = right | left
+    contrast = (x[heart].mean() - x[lungs].mean()) / (x.std() + 1e-6) if heart.any() else 0.0
+    if contrast < MIN_HEART_LUNG_CONTRAST:
+        return f"the lung fields are not darker than the heart (contrast {contrast:.2f} SD)"
+    return None
 
 
 def segment(image, segmenter: Segmenter | None = None, size: int = 256) -> Anatomy:

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from . import NOTICE
-
-SCHEDULER_NAMES = ("dpmsolver++", "ddim", "euler_a")
+from .config import SCHEDULER_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_text
+
 
 @dataclass
 class VAEConfig:
@@ -55,6 +57,10 @@ class ModelConfig:
 
 NO_CHANGE = "No significant interval change."  # the description of a follow-up that did not change
 
+# The samplers a model can use, by short name (model.SCHEDULERS builds each; the CLI offers these).
+# Kept here, not read from model.SCHEDULERS, so that naming them does not import diffusers.
+SCHEDULER_NAMES = ("dpmsolver++", "ddim", "euler_a")
+
 
 @dataclass
 class SamplerConfig:
@@ -62,7 +68,7 @@ class SamplerConfig:
     num_inference_steps: int = 20               # denoising steps; fewer = faster, coarser
     guidance_scale: float = 4.0                 # text guidance: >1 follows the description more strongly
     image_guidance_scale: float = 1.5           # image guidance: >1 stays closer to the prior
-    scheduler: str = "dpmsolver++"              # 'ddim' | 'euler_a' | 'dpmsolver++'
+    scheduler: str = "dpmsolver++"              # one of SCHEDULER_NAMES
     strength: float = 1.0                       # 1: start from pure noise (InstructPix2Pix); <1: from the noised
                                                 #   prior latent (SDEdit, Meng et al. 2022): stays closer to the prior
     negative_prompt: str = ""                   # text guidance pushes from this towards the description; the
@@ -118,8 +124,5 @@ def to_dict(cfg) -> dict:
 
 
 def write_json(obj: dict, path: str | Path) -> None:
-    """Atomic JSON write (tmp + rename) so an interrupted save never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    """Atomic JSON write (``atomic.write_text``) so an interrupted save never leaves half a file."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +29,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          SecondaryCaptureImageStorage, generate_uid)
+
+from .atomic import atomic_write  # noqa: F401 - re-exported: imaging.atomic_write keeps working
 
 if TYPE_CHECKING:
     import torch
@@ -230,40 +231,56 @@ def _png_is_synthetic(info: dict) -> bool:
     return info.get("Software") == "BiomedJourney" and "SYNTHETIC" in str(info.get("Description", ""))
 
 
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma weights of R, G, B
+
+
 def _from_array(arr: np.ndarray) -> tuple[np.ndarray, dict]:
-    a = np.asarray(arr)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (2, 3, 4)):
-        raise ImageLoadError(f"Expected an (H, W) or (H, W, 3/4) image array, got shape {a.shape}.")
+    a = _image_array(arr)
     if a.dtype == np.uint8:  # same path as an 8-bit file
         return _from_pil(Image.fromarray(a), fmt="array")  # L / LA / RGB / RGBA by shape
     h, w = a.shape[:2]
     _check_size(w, h)
     if a.dtype == bool:
         a = a.astype(np.float32)
-    if not np.all(np.isfinite(a)):
-        raise ImageLoadError("The image array contains NaN or infinite values.")
-    f = a.astype(np.float64)
-    if np.issubdtype(a.dtype, np.floating) and f.min() >= 0 and f.max() <= 1:
-        window = "none (values already in [0, 1])"
-    else:
-        f, window = _minmax(f), "min-max"
+    f, window = _unit_range(a)
     meta: dict = {"format": "array", "mode": str(a.dtype), "bits": a.dtype.itemsize * 8,
                   "window": window, "frames": 1, "synthetic": False}
-    if f.ndim == 3:
-        if f.shape[2] in (2, 4):  # alpha: composite over black
-            f = f[..., :-1] * f[..., -1:]
-        if f.shape[2] == 1:
-            f = f[..., 0]
+    f = _without_alpha(f)
     frac = 0.0
     if f.ndim == 3:
         frac = _colour_fraction(f)
-        f = f @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma
+        f = f @ _LUMA
     meta.update(is_color=frac > 0.001, color_fraction=round(frac, 4), width=w, height=h,
                 photometric="MONOCHROME2", modality="", view_position="", body_part="",
                 transfer_syntax="")
     return f.astype(np.float32), meta
+
+
+def _image_array(arr: np.ndarray) -> np.ndarray:
+    """The array as (H, W) or (H, W, 2/3/4) (a single channel squeezed); else ImageLoadError."""
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (2, 3, 4)):
+        raise ImageLoadError(f"Expected an (H, W) or (H, W, 3/4) image array, got shape {a.shape}.")
+    return a
+
+
+def _unit_range(a: np.ndarray) -> tuple[np.ndarray, str]:
+    """Finite values as float64 in [0, 1] (floats already there kept, anything else min-max) and how."""
+    if not np.all(np.isfinite(a)):
+        raise ImageLoadError("The image array contains NaN or infinite values.")
+    f = a.astype(np.float64)
+    if np.issubdtype(a.dtype, np.floating) and f.min() >= 0 and f.max() <= 1:
+        return f, "none (values already in [0, 1])"
+    return _minmax(f), "min-max"
+
+
+def _without_alpha(f: np.ndarray) -> np.ndarray:
+    """An alpha channel (grey+alpha, RGBA) composited over black; grey+alpha becomes (H, W)."""
+    if f.ndim == 3 and f.shape[2] in (2, 4):
+        f = f[..., :-1] * f[..., -1:]
+    return f[..., 0] if f.ndim == 3 and f.shape[2] == 1 else f
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
@@ -290,6 +307,20 @@ def _maybe_dicom_without_preamble(data: bytes) -> Dataset | None:
 
 
 def _from_dicom(data: bytes, ds: Dataset | None = None) -> tuple[np.ndarray, dict]:
+    ds = _dicom_with_image(data, ds)
+    meta = _dicom_meta(ds)
+    ts = _transfer_syntax(ds)
+    meta["transfer_syntax"] = f"{ts.name} ({ts})"
+    arr = _dicom_pixel_array(ds, ts, meta["frames"])
+    if meta["frames"] > 1:
+        meta["frame_used"] = 0
+    pixels = _dicom_pixels(arr, ds, meta)
+    meta.update(width=pixels.shape[1], height=pixels.shape[0])
+    return pixels.astype(np.float32), meta
+
+
+def _dicom_with_image(data: bytes, ds: Dataset | None) -> Dataset:
+    """The parsed dataset, checked to hold an image of a usable size before any pixel is decoded."""
     try:
         ds = ds if ds is not None else pydicom.dcmread(io.BytesIO(data), force=True)
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -303,17 +334,23 @@ def _from_dicom(data: bytes, ds: Dataset | None = None) -> tuple[np.ndarray, dic
     if not rows or not cols:
         raise ImageLoadError("The DICOM file does not say how big its image is (Rows/Columns "
                              "missing). Export it again from the PACS.")
-    _check_size(cols, rows)  # before any pixel is decoded
+    _check_size(cols, rows)
+    return ds
 
-    meta = _dicom_meta(ds)
-    if "TransferSyntaxUID" not in ds.file_meta:  # raw dataset, no file meta: use how it parsed
+
+def _transfer_syntax(ds: Dataset):
+    """The dataset's transfer syntax UID; a raw dataset (no file meta) is given the one it parsed with."""
+    if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    ts = ds.file_meta.TransferSyntaxUID
-    meta["transfer_syntax"] = f"{ts.name} ({ts})"
+    return ds.file_meta.TransferSyntaxUID
+
+
+def _dicom_pixel_array(ds: Dataset, ts, frames: int) -> np.ndarray:
+    """The stored pixels (the first frame of a multi-frame file); decoder failures as ImageLoadError."""
     try:
-        arr = pydicom.pixels.pixel_array(ds, index=0 if meta["frames"] > 1 else None)
+        return pydicom.pixels.pixel_array(ds, index=0 if frames > 1 else None)
     except Exception as e:  # noqa: BLE001 - decoder plugins raise their own types
         if not ts.is_compressed:
             raise ImageLoadError(
@@ -322,29 +359,30 @@ def _from_dicom(data: bytes, ds: Dataset | None = None) -> tuple[np.ndarray, dic
         raise ImageLoadError(
             f"Could not decode the DICOM image, which is compressed as {ts.name} ({ts}): "
             f"{str(e)[:160]}. Export it as uncompressed DICOM, PNG or JPEG.") from None
-    if meta["frames"] > 1:
-        meta["frame_used"] = 0
 
+
+def _dicom_pixels(arr: np.ndarray, ds: Dataset, meta: dict) -> np.ndarray:
+    """Stored pixels -> (H, W) [0, 1], bone bright; records the window and colour in ``meta``."""
     photometric = meta["photometric"]
     if arr.ndim == 3:  # colour (RGB / YBR already converted to RGB by pydicom)
         f = arr.astype(np.float64)
         f = f / (2.0 ** int(ds.get("BitsStored", 8)) - 1) if np.issubdtype(arr.dtype, np.integer) else _minmax(f)
-        frac = _colour_fraction(f)
-        pixels = np.clip(f @ np.array([0.299, 0.587, 0.114]), 0, 1).astype(np.float32)
-        meta.update(is_color=frac > 0.001, color_fraction=round(frac, 4), window="none (colour)")
-    elif photometric == "PALETTE COLOR":
+        return np.clip(_rgb_to_grey(f, meta, "none (colour)"), 0, 1)
+    if photometric == "PALETTE COLOR":
         rgb = pydicom.pixels.apply_color_lut(arr, ds).astype(np.float64)
-        rgb = rgb / (65535.0 if rgb.max() > 255 else 255.0)
-        frac = _colour_fraction(rgb)
-        pixels = (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
-        meta.update(is_color=frac > 0.001, color_fraction=round(frac, 4), window="none (palette)")
-    else:
-        pixels, meta["window"] = _dicom_grey(arr, ds)
-        if photometric == "MONOCHROME1":
-            pixels = 1.0 - pixels  # MONOCHROME1: low values are white; flip so bone is bright
-        meta.update(is_color=False, color_fraction=0.0)
-    meta.update(width=pixels.shape[1], height=pixels.shape[0])
-    return pixels.astype(np.float32), meta
+        return _rgb_to_grey(rgb / (65535.0 if rgb.max() > 255 else 255.0), meta, "none (palette)")
+    pixels, meta["window"] = _dicom_grey(arr, ds)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels  # MONOCHROME1: low values are white; flip so bone is bright
+    meta.update(is_color=False, color_fraction=0.0)
+    return pixels
+
+
+def _rgb_to_grey(rgb: np.ndarray, meta: dict, window: str) -> np.ndarray:
+    """Luma of an (H, W, 3) [0, 1] image; how coloured it was and ``window`` go into ``meta``."""
+    frac = _colour_fraction(rgb)
+    meta.update(is_color=frac > 0.001, color_fraction=round(frac, 4), window=window)
+    return rgb @ _LUMA
 
 
 def _dicom_grey(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
@@ -459,6 +497,13 @@ def to_model_input(pixels: np.ndarray, size: int = 256, aspect: str = "crop") ->
     return out
 
 
+def load_model_input(src: Any, size: int = 256, aspect: str = "crop") -> np.ndarray:
+    """Any input read_image takes (path, bytes, file object, PIL image, array, LoadedImage) ->
+    (size, size) float32 [0, 1]: ``to_model_input(read_image(src).pixels, size, aspect)``.
+    The one image path of the project: inference, training, preparation and evaluation all use it."""
+    return to_model_input(read_image(src).pixels, size, aspect)
+
+
 def load_image(src: Any, size: int = 256, aspect: str = "crop") -> "torch.Tensor":
     """Any supported input -> (1, size, size) float32 tensor in [0, 1] (see to_model_input)."""
     import torch
@@ -548,21 +593,6 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path) on a temp file next to ``path``, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_png(img: np.ndarray, path: str | os.PathLike, *, synthetic: bool = True,
              description: str = "", burn_in: bool = True) -> Path:
     """Write an (H, W) [0, 1] image as an 8-bit grey PNG, atomically.
@@ -618,33 +648,55 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     (and ``when``) and ``instance_number`` 1..N (``export.save_outputs`` does); by default each file
     gets new UIDs. ``series_description`` (LO, clipped to 64 bytes) defaults to SYNTHETIC_NOTE.
     """
-    text = str(description).strip()
-    if text.startswith(PROGRESSION_LABEL.strip()):
-        text = text[len(PROGRESSION_LABEL.strip()):].strip()
+    text = _progression_text(description)
     if burn_in:
         img = mark_synthetic(img)
     pixels = to_uint8(img)  # (H, W) uint8
-    now = when or datetime.now()
+    ds = Dataset()
+    ds.file_meta = _secondary_capture_file_meta()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8 for the free text
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    _set_patient(ds, include_patient, patient_name, patient_id)
+    _set_study_and_series(ds, when or datetime.now(), instance_number, series_description)
+    _set_synthetic_image(ds, text, settings, burn_in)
+    if source is not None:
+        _copy_from_source(ds, source, pixels.shape)
+    ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=8,
+                      generate_instance_uid=False)
+    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
+
+def _progression_text(description: str) -> str:
+    """The progression text without a leading "Progression description:" (it is labelled once)."""
+    text = str(description).strip()
+    if text.startswith(PROGRESSION_LABEL.strip()):
+        text = text[len(PROGRESSION_LABEL.strip()):].strip()
+    return text
+
+
+def _secondary_capture_file_meta() -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8 for the free text
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    # patient (Type 2: present, empty unless asked for)
+    return meta
+
+
+def _set_patient(ds: Dataset, include_patient: bool, patient_name: str, patient_id: str) -> None:
+    """Patient module (Type 2: present, empty unless asked for)."""
     ds.PatientName = _lo(patient_name) if include_patient else ""
     ds.PatientID = _lo(patient_id) if include_patient else ""
     ds.PatientBirthDate, ds.PatientSex = "", ""
     ds.PatientIdentityRemoved = "NO" if include_patient else "YES"
     if not include_patient:
         ds.DeidentificationMethod = "BiomedJourney: synthetic image, no identifiers copied"
-    # study / series / equipment
+
+
+def _set_study_and_series(ds: Dataset, now: datetime, instance_number: int, series_description: str | None) -> None:
+    """Study, series and equipment: dated ``now``, never claiming an acquisition."""
     ds.StudyDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.StudyTime = ds.ContentTime = now.strftime("%H%M%S")
     ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", ""
@@ -654,7 +706,11 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     ds.SeriesNumber, ds.InstanceNumber = 1, int(instance_number)
     ds.ConversionType = "SYN"  # synthetic image
     ds.Manufacturer = "BiomedJourney"
-    # image
+
+
+def _set_synthetic_image(ds: Dataset, text: str, settings: dict | None, burn_in: bool) -> None:
+    """Image attributes: DERIVED\\SECONDARY, the SYNTHETIC notes with the progression text and the
+    settings, and a full-range window."""
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = _clip(
         "SYNTHETIC image generated by BiomedJourney from a prior radiograph and a text "
@@ -666,16 +722,16 @@ def write_dicom(img: np.ndarray, path: str | os.PathLike, *, description: str,
     ds.RecognizableVisualFeatures = "NO"
     ds.PatientOrientation = ""
     ds.WindowCenter, ds.WindowWidth = 128, 256  # LINEAR full 8-bit range = identity
-    if source is not None:
-        sm = source.meta
-        # ViewPosition is not part of the Secondary Capture IOD (dciodvfy: extended SOP class): not copied
-        if sm.get("body_part"):
-            ds.BodyPartExamined = _clip(str(sm["body_part"]), 16)
-        if sm.get("pixel_spacing") and source.pixels.shape == pixels.shape:
-            ds.PixelSpacing = [float(v) for v in sm["pixel_spacing"]]
-    ds.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=8,
-                      generate_instance_uid=False)
-    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+
+
+def _copy_from_source(ds: Dataset, source: LoadedImage, shape: tuple[int, int]) -> None:
+    """From the prior only BodyPartExamined and (same image size) PixelSpacing; never identifiers or UIDs."""
+    sm = source.meta
+    # ViewPosition is not part of the Secondary Capture IOD (dciodvfy: extended SOP class): not copied
+    if sm.get("body_part"):
+        ds.BodyPartExamined = _clip(str(sm["body_part"]), 16)
+    if sm.get("pixel_spacing") and source.pixels.shape == shape:
+        ds.PixelSpacing = [float(v) for v in sm["pixel_spacing"]]
 
 
 def read_dicom_markers(path: str | os.PathLike) -> dict:

@@ -17,7 +17,7 @@ from biomedjourney.evaluate.evaluators import (OPACITY, EvaluatorConfig, Evaluat
 from biomedjourney.evaluate.metrics import (change_magnitude, cmig, macro_auc, mean_std, pearson_r, reid_auc,
                                             roc_auc, ssim_psnr, verification_auc)
 from biomedjourney.evaluate.run import PairData, Scorer, select_pairs
-from biomedjourney.evaluate.train_evaluators import supcon_loss
+from train.train_evaluators import supcon_loss
 
 
 # ----------------------------------------------------------------------------- metric definitions

@@ -33,7 +33,7 @@ def test_python_m_evaluate_without_data_exits_2(tmp_path):
     ("biomedjourney.evaluate.__main__", ["--split", "val", "--out", "OUT"]),
     ("biomedjourney.evaluate.fidelity", ["--out", "OUT"]),
     ("biomedjourney.evaluate.follow", ["--out", "OUT"]),
-    ("biomedjourney.evaluate.train_evaluators", ["--out", "OUT"]),
+    ("train.train_evaluators", ["--out", "OUT"]),
 ])
 def test_evaluation_mains_without_data_exit_2(module, argv, tmp_path, monkeypatch, capsys):
     import importlib
@@ -55,3 +55,17 @@ def test_missing_data_help_names_the_source(tmp_path, monkeypatch):
     (tmp_path / "images.csv").write_text("x\n")
     (tmp_path / "pairs.csv").write_text("x\n")
     assert dataset.require_data(tmp_path) == tmp_path.resolve()
+
+
+def test_train_evaluators_script_without_data_exits_2(tmp_path):
+    """The documented command `python train/train_evaluators.py ...` runs as a script from the repository."""
+    from pathlib import Path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BIOMEDJOURNEY_DATA": str(empty), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(repo / "train" / "train_evaluators.py"), "--out", str(tmp_path / "ev")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    _check_message(p.stderr, empty.resolve())
+    assert not (tmp_path / "ev").exists()

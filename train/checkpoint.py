@@ -3,14 +3,14 @@
 A checkpoint is a folder `step-<N>/` holding safetensors files (models, EMA,
 optimizer tensors, torch RNG states) and `state.json` (step, optimizer
 param_groups, numpy/python RNG states, anything else JSON-able). It is written
-to a temporary folder and renamed into place, so a crash never leaves a
-half-written checkpoint; `latest` resolves to the highest complete step.
+to a temporary folder and renamed into place (``biomedjourney.atomic.atomic_write``),
+so a crash never leaves a half-written checkpoint; `latest` resolves to the highest
+complete step.
 This is for resuming only; the export for inference is a pipeline folder.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from biomedjourney.atomic import atomic_write
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -74,25 +76,23 @@ def save_checkpoint(root: str | Path, step: int, *, models: dict[str, torch.nn.M
                     extra: dict | None = None, keep: int = 2, rank: int = 0) -> Path:
     """Write `root/step-<step>` atomically (call on the main process; RNG of `rank` saved)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, m in models.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
-    meta: dict = {"step": step, "extra": extra or {}}
-    if optimizer is not None:
-        t, m = _flatten_optimizer(optimizer)
-        save_file(t, tmp / "optimizer.safetensors")
-        meta["optimizer"] = m
-    t, m = rng_state(generators)
-    save_file(t, tmp / f"rng_rank{rank}.safetensors")
-    meta["rng"] = m
-    (tmp / "state.json").write_text(json.dumps(meta))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(tmp: str) -> None:
+        tmp = Path(tmp)
+        for name, m in models.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                      tmp / f"{name}.safetensors")
+        meta: dict = {"step": step, "extra": extra or {}}
+        if optimizer is not None:
+            t, m = _flatten_optimizer(optimizer)
+            save_file(t, tmp / "optimizer.safetensors")
+            meta["optimizer"] = m
+        t, m = rng_state(generators)
+        save_file(t, tmp / f"rng_rank{rank}.safetensors")
+        meta["rng"] = m
+        (tmp / "state.json").write_text(json.dumps(meta))
+
+    final = atomic_write(root / f"step-{step:08d}", write, directory=True)
     for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -5,18 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from biomedjourney.imaging import to_model_input
+from biomedjourney.imaging import load_model_input, to_uint8
 
 
 def load_gray(path: str | Path, size: int) -> np.ndarray:
-    """A training image as (size, size) uint8 (dataset PNGs are already 256x256 grayscale)."""
-    with Image.open(path) as im:
-        a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    if a.shape != (size, size):
-        a = to_model_input(a, size=size)
-    return np.round(a * 255).astype(np.uint8)
+    """A training image as (size, size) uint8: ``imaging.load_model_input`` (the inference path:
+    PNG of any bit depth, JPEG, DICOM; the dataset's framing), rounded to 8 bits (lossless: the
+    model input is a multiple of 1/255)."""
+    return to_uint8(load_model_input(path, size))
 
 
 def stack_images(paths: list, size: int) -> torch.Tensor:

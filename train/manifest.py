@@ -24,9 +24,9 @@ import csv
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from biomedjourney.atomic import atomic_write
 from biomedjourney.resources import file_sha256
 
 STAGE1_COLUMNS = ["image_id", "image", "patient_id", "split", "text", "labels", "sex", "age", "view",
@@ -53,31 +53,27 @@ def _cell(v) -> str:
 
 
 def write_manifest(rows: list[dict], path: str | os.PathLike, columns: list[str]) -> Path:
-    """Write ``rows`` as a CSV with exactly ``columns`` (atomic: temp file + os.replace).
+    """Write ``rows`` as a CSV with exactly ``columns``, atomically (``biomedjourney.atomic``).
 
     Missing keys are written empty; a key not in ``columns`` is an error (it would be lost).
     Booleans -> True/False, None -> '', floats -> 6 significant digits.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = set(columns)
     for i, r in enumerate(rows):
         extra = set(r) - cols
         if extra:
             raise ValueError(f"row {i} of {path.name} has columns {sorted(extra)} that are not in the "
                              f"manifest columns {columns}: add them to the column list or drop them")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(columns)
             for r in rows:
                 w.writerow([_cell(r.get(c)) for c in columns])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _parse_bool(v: str, col: str, path: Path) -> bool:

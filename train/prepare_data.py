@@ -6,6 +6,8 @@
 
 Sources
 -------
+Each source is read by its adapter in ``biomedjourney/sources.py`` (one function per source).
+
 cxr   The shared dataset format (images.csv + pairs.csv, /work/shared/data/cxr/README.md).
       Stage 1: every image, text = ``caption_for`` (its own text, else a caption from
       view/age/sex/labels). Stage 2: every pairs.csv pair (all n(n-1)/2 per patient).
@@ -72,182 +74,25 @@ if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourne
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import csv
-import gzip
 import hashlib
 import math
 import multiprocessing as mp
 import re
 import time
 from collections import Counter, defaultdict
-from datetime import datetime
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from biomedjourney.config import write_json
-from biomedjourney.dataset import (ImageRow, PairRow, caption_for, licence_ok_for_weights, load_images,
-                                   load_pairs, split_of)
-from biomedjourney.imaging import read_image, save_png
-from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, write_manifest
+from biomedjourney.dataset import ImageRow, PairRow, caption_for, licence_ok_for_weights
+from biomedjourney.imaging import read_image, save_png, to_uint8
 from biomedjourney.register import DEFAULT_THRESHOLD, harmonise, register
+from biomedjourney.sources import load_cxr, load_generic_csv, load_mimic, report_sections  # noqa: F401 - re-exported
+from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, write_manifest
 
-MIMIC_LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"
-MIMIC_SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 DEFAULT_DESCRIBE = {"cxr": "dataset", "mimic": "rules", "csv": "dataset"}
-
-
-# ------------------------------------------------------------------------------------------
-# sources -> (images, pairs, split of each patient)
-# ------------------------------------------------------------------------------------------
-def load_cxr(data: Path) -> tuple[list[ImageRow], list[PairRow], dict[str, str]]:
-    images = load_images(data)
-    pairs = load_pairs(data, images)
-    rows = list(images.values())
-    return rows, pairs, {r.patient_id: split_of(r.patient_id) for r in rows}
-
-
-def _open_csv(folder: Path, stem: str, required: bool = True) -> list[dict] | None:
-    for name in (f"{stem}.csv.gz", f"{stem}.csv"):
-        p = folder / name
-        if p.is_file():
-            with (gzip.open(p, "rt", newline="", encoding="utf-8") if name.endswith(".gz")
-                  else open(p, newline="", encoding="utf-8")) as f:
-                return list(csv.DictReader(f))
-    if required:
-        raise FileNotFoundError(f"{folder} has no {stem}.csv(.gz): point --data at the MIMIC-CXR-JPG "
-                                "root (the folder with files/ and the mimic-cxr-2.0.0-*.csv.gz tables)")
-    return None
-
-
-_HEADING = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{1,60}):", re.M)
-
-
-def report_sections(report: str) -> str:
-    """FINDINGS + IMPRESSION text of a free-text report (else its last paragraph), one line."""
-    heads = list(_HEADING.finditer(report))
-    parts = []
-    for i, m in enumerate(heads):
-        if "FINDING" in m.group(1) or "IMPRESSION" in m.group(1):
-            end = heads[i + 1].start() if i + 1 < len(heads) else len(report)
-            parts.append(report[m.end():end])
-    if not parts:
-        paras = [p for p in re.split(r"\n\s*\n", report) if p.strip()]
-        parts = paras[-1:]
-    return " ".join(" ".join(parts).split())
-
-
-def _study_time(date: str, time_: str) -> datetime:
-    t = float(time_ or 0)
-    hh, mm, ss = int(t // 10000), int(t // 100 % 100), t % 100
-    return datetime.strptime(date, "%Y%m%d").replace(hour=min(hh, 23), minute=min(mm, 59),
-                                                     second=min(int(ss), 59))
-
-
-def load_mimic(data: Path, reports: Path) -> tuple[list[ImageRow], list[PairRow], dict[str, str], dict]:
-    """PA images (first per study) and consecutive-study pairs; reports read for stage-1 text."""
-    meta = _open_csv(data, "mimic-cxr-2.0.0-metadata")
-    split_rows = _open_csv(data, "mimic-cxr-2.0.0-split")
-    chex = _open_csv(data, "mimic-cxr-2.0.0-chexpert", required=False) or []
-    split_of_dicom = {r["dicom_id"]: MIMIC_SPLITS.get(r["split"].strip().lower(), r["split"]) for r in split_rows}
-    labels_of = {}
-    for r in chex:
-        labels_of[r["study_id"]] = [k for k, v in r.items()
-                                    if k not in ("subject_id", "study_id") and v.strip() in ("1", "1.0")]
-    first_pa: dict[str, dict] = {}
-    stats = Counter()
-    for r in meta:
-        if r.get("ViewPosition", "").strip().upper() != "PA":
-            stats["non_pa_images"] += 1
-            continue
-        first_pa.setdefault(r["study_id"], r)
-    by_subject: dict[str, list[tuple[datetime, ImageRow]]] = defaultdict(list)
-    splits: dict[str, str] = {}
-    for study, r in first_pa.items():
-        subj = r["subject_id"]
-        folder = data / "files" / f"p{subj[:2]}" / f"p{subj}" / f"s{study}"
-        path = folder / f"{r['dicom_id']}.jpg"
-        if not path.is_file():
-            stats["missing_image_files"] += 1
-            continue
-        rep = reports / "files" / f"p{subj[:2]}" / f"p{subj}" / f"s{study}.txt"
-        text = report_sections(rep.read_text(encoding="utf-8", errors="replace")) if rep.is_file() else ""
-        stats["studies_with_report" if text else "studies_without_report"] += 1
-        pid = f"mimic_p{subj}"
-        when = _study_time(r["StudyDate"], r.get("StudyTime", ""))
-        by_subject[pid].append((when, ImageRow(
-            image_id=f"mimic_{r['dicom_id']}", path=path, source="mimic", patient_id=pid,
-            study_order=when.isoformat(), view="PA", sex="", age=None, labels=labels_of.get(study, []),
-            text=text, license=MIMIC_LICENSE)))
-        split = split_of_dicom.get(r["dicom_id"]) or split_of(pid)
-        if splits.setdefault(pid, split) != split:
-            raise ValueError(f"MIMIC subject {pid} is in splits {splits[pid]!r} and {split!r} in the split CSV; "
-                             "the official split is per subject: check the file")
-    images, pairs = [], []
-    for pid in sorted(by_subject):
-        seq = sorted(by_subject[pid], key=lambda t: (t[0], t[1].image_id))
-        images += [im for _, im in seq]
-        for (t0, a), (t1, b) in zip(seq, seq[1:]):
-            if t1 <= t0:
-                stats["same_time_studies_not_paired"] += 1
-                continue
-            pairs.append(PairRow(pair_id=f"{a.image_id}__{b.image_id}", patient_id=pid, prior=a, followup=b,
-                                 days_between=str((t1.date() - t0.date()).days), same_view=True,
-                                 progression_text="", text_origin="none"))
-    return images, pairs, splits, dict(stats)
-
-
-def load_generic_csv(data: Path) -> tuple[list[ImageRow], list[PairRow], dict[str, str]]:
-    """The generic CSV format (module docstring)."""
-    path = data / "data.csv" if data.is_dir() else data
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"patient_id", "image", "order"} - set(rows[0] if rows else {})
-    if missing:
-        raise ValueError(f"{path} lacks columns {sorted(missing)}; the csv source needs patient_id, image, "
-                         "order (see `python train/prepare_data.py --help` / the module docstring)")
-    images, orders, prog, days = [], {}, {}, {}
-    for i, r in enumerate(rows, start=2):
-        img = Path(r["image"])
-        img = img if img.is_absolute() else path.parent / img
-        image_id = (r.get("image_id") or "").strip() or img.stem
-        try:
-            order = float(r["order"]) if r["order"].strip() else None
-            age = float(r["age"]) if (r.get("age") or "").strip() else None
-            days[image_id] = float(r["days"]) if (r.get("days") or "").strip() else None
-        except ValueError as e:
-            raise ValueError(f"{path} line {i}: {e}; order, age and days must be numbers or blank") from None
-        row = ImageRow(image_id=image_id, path=img, source=(r.get("source") or "csv").strip(),
-                       patient_id=r["patient_id"].strip(), study_order=r["order"].strip(),
-                       view=(r.get("view") or "").strip(), sex=(r.get("sex") or "").strip(), age=age,
-                       labels=[x for x in (r.get("labels") or "").split("|") if x],
-                       text=(r.get("text") or "").strip(), license=(r.get("license") or "").strip())
-        images.append(row)
-        orders[image_id] = order
-        prog[image_id] = (r.get("progression_text") or "").strip()
-    dup = [k for k, n in Counter(im.image_id for im in images).items() if n > 1]
-    if dup:
-        raise ValueError(f"{path}: image_id {dup[:3]} occurs more than once; give unique image_id values")
-    by_patient = defaultdict(list)
-    for im in images:
-        if orders[im.image_id] is not None:
-            by_patient[im.patient_id].append(im)
-    pairs = []
-    for pid in sorted(by_patient):
-        levels = sorted({orders[im.image_id] for im in by_patient[pid]})
-        at = {o: sorted((im for im in by_patient[pid] if orders[im.image_id] == o), key=lambda im: im.image_id)
-              for o in levels}
-        for o0, o1 in zip(levels, levels[1:]):
-            for a in at[o0]:
-                for b in at[o1]:
-                    d = days[b.image_id] - days[a.image_id] if None not in (days[a.image_id], days[b.image_id]) else None
-                    text = prog[b.image_id]
-                    pairs.append(PairRow(
-                        pair_id=f"{a.image_id}__{b.image_id}", patient_id=pid, prior=a, followup=b,
-                        days_between="" if d is None else f"{d:g}", same_view=a.view == b.view,
-                        progression_text=text, text_origin="csv" if text else "none"))
-    return images, pairs, {im.patient_id: split_of(im.patient_id) for im in images}
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,13 +170,19 @@ def describe_pairs(pairs: list[PairRow], backend: str) -> tuple[list[tuple[str, 
 # registration (multiprocessing)
 # ------------------------------------------------------------------------------------------
 def _fit_short_side(a: np.ndarray, max_short: int) -> np.ndarray:
-    """Downscale (Lanczos, like the dataset) so the shorter side is at most ``max_short`` px."""
+    """Downscale (Lanczos in 8 bits, like the dataset) so the shorter side is at most ``max_short`` px."""
     if max_short <= 0 or min(a.shape) <= max_short:
         return a
     f = max_short / min(a.shape)
     size = (max(1, round(a.shape[1] * f)), max(1, round(a.shape[0] * f)))
-    im = Image.fromarray(np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.float32) / 255.0
+    return np.asarray(Image.fromarray(to_uint8(a)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+
+
+def registration_input(path: str | Path, max_short: int) -> np.ndarray:
+    """An image as registration sees it: ``imaging.read_image`` (any format, as inference reads it) at its
+    own aspect, the shorter side capped at ``max_short`` px (speed; 0 = full size). Not the model input:
+    the registered prior is written on the follow-up's grid and framed (``load_model_input``) at training."""
+    return _fit_short_side(read_image(path).pixels, max_short)
 
 
 def _register_job(job: tuple) -> tuple[float, float, str, tuple[float, float] | None]:
@@ -340,8 +191,7 @@ def _register_job(job: tuple) -> tuple[float, float, str, tuple[float, float] | 
     from biomedjourney.evaluate.fidelity import inside_fraction  # lazy: pulls in the pipeline stack
 
     prior_path, followup_path, out_png, threshold, max_short, match_exposure, fill = job
-    prior = _fit_short_side(read_image(prior_path).pixels, max_short)
-    followup = _fit_short_side(read_image(followup_path).pixels, max_short)
+    prior, followup = registration_input(prior_path, max_short), registration_input(followup_path, max_short)
     r = register(prior, followup)
     change = None
     if round(r.score, 4) >= threshold:  # the rule prepare() applies to the rounded reg_score
@@ -418,25 +268,23 @@ def _counts(s1: list[dict], s2: list[dict]) -> dict:
     }
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    t0 = time.time()
-    out = Path(args.out).resolve()
-    data = Path(args.data).resolve()
-    describe = args.describe or DEFAULT_DESCRIBE[args.source]
-    source_stats = {}
+def load_source(args: argparse.Namespace, data: Path, describe: str) -> tuple[list[ImageRow], list[PairRow], dict, dict]:
+    """(images, pairs, split of each patient, source stats) of --source (``biomedjourney.sources``)."""
     if args.source == "cxr":
-        images, pairs, splits = load_cxr(data)
-    elif args.source == "mimic":
+        return (*load_cxr(data), {})
+    if args.source == "mimic":
         if describe == "dataset":
             raise SystemExit("--source mimic has no given pair descriptions: use --describe rules or openai")
-        images, pairs, splits, source_stats = load_mimic(data, Path(args.reports).resolve() if args.reports else data)
-    else:
-        images, pairs, splits = load_generic_csv(data)
-        if args.licence_filter and not any(im.license for im in images):
-            raise SystemExit(f"{data}: no row has a `license`, so the licence filter would drop everything; "
-                             "add a license column or pass --no-licence-filter (weights not for release)")
-    if not images:
-        raise SystemExit(f"no images found in {data} for --source {args.source}")
+        return load_mimic(data, Path(args.reports).resolve() if args.reports else data)
+    images, pairs, splits = load_generic_csv(data)
+    if args.licence_filter and not any(im.license for im in images):
+        raise SystemExit(f"{data}: no row has a `license`, so the licence filter would drop everything; "
+                         "add a license column or pass --no-licence-filter (weights not for release)")
+    return images, pairs, splits, {}
+
+
+def select(images: list[ImageRow], pairs: list[PairRow], args: argparse.Namespace) -> tuple[list, list, dict]:
+    """--limit, then the licence filter; the counts before and after each (prepare.json) go in the dict."""
     found = {"images": len(images), "pairs": len(pairs)}
     if args.limit:
         images, pairs = limit_patients(images, pairs, args.limit)
@@ -445,62 +293,109 @@ def prepare(args: argparse.Namespace) -> dict:
     if args.licence_filter:
         images, pairs, stats = licence_filter(images, pairs)
         lic.update(stats)
+    return images, pairs, {"found": found, "selected_by_limit": selected, "licence_filter": lic}
+
+
+def stage1_rows(images: list[ImageRow], splits: dict[str, str]) -> list[dict]:
+    """One stage1.csv row per image; text = ``caption_for`` (its own text, else a generated caption)."""
+    return [{"image_id": im.image_id, "image": str(im.path), "patient_id": im.patient_id,
+             "split": splits[im.patient_id], "text": caption_for(im), "labels": "|".join(im.labels), "sex": im.sex,
+             "age": im.age, "view": im.view, "license": im.license, "source": im.source} for im in images]
+
+
+def stage2_row(p: PairRow, text: str, origin: str, result: tuple, split: str, threshold: float) -> dict:
+    """One stage2.csv row. ``result``: the pair's registration result (score None = registration off,
+    then the pair is kept with its original prior); kept = the score rounded to 4 places >= threshold."""
+    score, before, _, rel, _ = result
+    score = None if score is None else round(score, 4)
+    kept = score is None or score >= threshold
+    lics = dict.fromkeys([p.prior.license, p.followup.license])
+    return {"pair_id": p.pair_id, "patient_id": p.patient_id, "split": split,
+            "prior": rel if (score is not None and kept) else str(p.prior.path),
+            "prior_original": str(p.prior.path), "followup": str(p.followup.path),
+            "text": text, "text_origin": origin,
+            "reg_score": score, "kept": kept,
+            "prior_labels": "|".join(p.prior.labels), "followup_labels": "|".join(p.followup.labels),
+            "days_between": p.days_between, "license": " ; ".join(lics),
+            "same_view": p.same_view,
+            "reg_score_before": None if before is None else round(before, 4), "source": p.prior.source}
+
+
+def check_split_disjoint(s1: list[dict]) -> None:
+    """No patient in more than one split (a bug in the split code otherwise)."""
+    leaked = {r["patient_id"] for r in s1 if r["split"] == "train"} & {r["patient_id"] for r in s1 if r["split"] != "train"}
+    if leaked:
+        raise RuntimeError(f"{len(leaked)} patients are in more than one split; this is a bug in the split code")
+
+
+FALLBACKS = {"identity_kept": "identity kept", "affine_rejected_as_degenerate": "affine rejected",
+             "similarity_rejected_as_degenerate": "similarity rejected", "optimiser_failed": "optimiser failed"}
+
+
+def fallback_counts(reasons: list[str]) -> dict[str, int]:
+    """How many registration results' reasons (``RegistrationResult.reason``) name each fallback."""
+    return {key: sum(phrase in w for w in reasons) for key, phrase in FALLBACKS.items()}
+
+
+def registration_report(s2: list[dict], results: list[tuple], args: argparse.Namespace) -> dict:
+    """prepare.json's "registration": threshold, kept/dropped, why pairs fell back, score distributions and
+    what the kept train pairs teach (``target_change``)."""
+    reg = {"on": bool(args.register)}
+    if not args.register:
+        return reg
+    scores = [r["reg_score"] for r in s2]
+    reg.update({"threshold": args.reg_threshold, "max_size": args.reg_max_size,
+                "kept": sum(r["kept"] for r in s2), "dropped": sum(not r["kept"] for r in s2),
+                "score_minus_inf": sum(s == -math.inf for s in scores),
+                **fallback_counts([why for _, _, why, _, _ in results]),
+                "match_exposure": bool(args.match_exposure), "fill_out_of_view": bool(args.fill_out_of_view),
+                "train_target_change": target_change(s2, [c for *_, c in results]),
+                "score": _dist(scores), "score_before": _dist([r["reg_score_before"] for r in s2]),
+                "score_by_source": {src: _dist([r["reg_score"] for r in s2 if r["source"] == src])
+                                    for src in sorted({r["source"] for r in s2})}})
+    return reg
+
+
+def remove_stale_registered(out: Path, s2: list[dict]) -> None:
+    """Delete registered priors of an earlier run in OUT/registered/ that this manifest no longer uses."""
+    if not (out / "registered").is_dir():
+        return
+    used = {out / r["prior"] for r in s2 if r["kept"] and r["prior"].startswith("registered/")}
+    for f in list((out / "registered").glob("*.png")):
+        if f not in used:
+            f.unlink()
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    out = Path(args.out).resolve()
+    data = Path(args.data).resolve()
+    describe = args.describe or DEFAULT_DESCRIBE[args.source]
+    images, pairs, splits, source_stats = load_source(args, data, describe)
+    if not images:
+        raise SystemExit(f"no images found in {data} for --source {args.source}")
+    images, pairs, selection = select(images, pairs, args)
 
     texts, usage = describe_pairs(pairs, describe)
-    reg = {"on": bool(args.register)}
     if args.register:
         results = register_pairs(pairs, out, args.reg_threshold, args.workers, args.reg_max_size,
                                  args.match_exposure, args.fill_out_of_view)
     else:
         results = [(None, None, "", "", None)] * len(pairs)
-
-    s1 = [{"image_id": im.image_id, "image": str(im.path), "patient_id": im.patient_id,
-           "split": splits[im.patient_id], "text": caption_for(im), "labels": "|".join(im.labels), "sex": im.sex,
-           "age": im.age, "view": im.view, "license": im.license, "source": im.source} for im in images]
-    s2 = []
-    for p, (text, origin), (score, before, _, rel, _) in zip(pairs, texts, results):
-        score = None if score is None else round(score, 4)
-        kept = score is None or score >= args.reg_threshold
-        lics = dict.fromkeys([p.prior.license, p.followup.license])
-        s2.append({"pair_id": p.pair_id, "patient_id": p.patient_id, "split": splits[p.patient_id],
-                   "prior": rel if (score is not None and kept) else str(p.prior.path),
-                   "prior_original": str(p.prior.path), "followup": str(p.followup.path),
-                   "text": text, "text_origin": origin,
-                   "reg_score": score, "kept": kept,
-                   "prior_labels": "|".join(p.prior.labels), "followup_labels": "|".join(p.followup.labels),
-                   "days_between": p.days_between, "license": " ; ".join(lics),
-                   "same_view": p.same_view,
-                   "reg_score_before": None if before is None else round(before, 4), "source": p.prior.source})
-    leaked = {r["patient_id"] for r in s1 if r["split"] == "train"} & {r["patient_id"] for r in s1 if r["split"] != "train"}
-    if leaked:
-        raise RuntimeError(f"{len(leaked)} patients are in more than one split; this is a bug in the split code")
-    if args.register:
-        scores = [r["reg_score"] for r in s2]
-        reasons = [why for _, _, why, _, _ in results]
-        reg.update({"threshold": args.reg_threshold, "max_size": args.reg_max_size,
-                    "kept": sum(r["kept"] for r in s2), "dropped": sum(not r["kept"] for r in s2),
-                    "score_minus_inf": sum(s == -math.inf for s in scores),
-                    "identity_kept": sum("identity kept" in w for w in reasons),
-                    "affine_rejected_as_degenerate": sum("affine rejected" in w for w in reasons),
-                    "similarity_rejected_as_degenerate": sum("similarity rejected" in w for w in reasons),
-                    "optimiser_failed": sum("optimiser failed" in w for w in reasons),
-                    "match_exposure": bool(args.match_exposure), "fill_out_of_view": bool(args.fill_out_of_view),
-                    "train_target_change": target_change(s2, [c for *_, c in results]),
-                    "score": _dist(scores), "score_before": _dist([r["reg_score_before"] for r in s2]),
-                    "score_by_source": {src: _dist([r["reg_score"] for r in s2 if r["source"] == src])
-                                        for src in sorted({r["source"] for r in s2})}})
+    s1 = stage1_rows(images, splits)
+    s2 = [stage2_row(p, text, origin, res, splits[p.patient_id], args.reg_threshold)
+          for p, (text, origin), res in zip(pairs, texts, results)]
+    check_split_disjoint(s1)
 
     write_manifest(s1, out / "stage1.csv", STAGE1_COLUMNS)
     write_manifest(s2, out / "stage2.csv", STAGE2_COLUMNS)
-    used = {out / r["prior"] for r in s2 if r["kept"] and r["prior"].startswith("registered/")}
-    stale = [f for f in (out / "registered").glob("*.png") if f not in used] if (out / "registered").is_dir() else []
-    for f in stale:  # registered priors of an earlier run that this manifest no longer uses
-        f.unlink()
+    remove_stale_registered(out, s2)
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"describe": describe},
         "data": str(data),
-        "found": found, "selected_by_limit": selected, "source_stats": source_stats,
-        "licence_filter": lic, "registration": reg, "describe_usage": usage,
+        "found": selection["found"], "selected_by_limit": selection["selected_by_limit"], "source_stats": source_stats,
+        "licence_filter": selection["licence_filter"], "registration": registration_report(s2, results, args),
+        "describe_usage": usage,
         "counts": _counts(s1, s2),
         "sha256": {n: manifest_hash(out / n) for n in ("stage1.csv", "stage2.csv")},
         "data_manifest_hash": manifest_hash(out),

@@ -9,7 +9,6 @@ whose ENCODER is identical, e.g. the decoder-fine-tuned one), with the sampler d
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from biomedjourney.atomic import atomic_write
 from biomedjourney.pipeline import BiomedJourneyPipeline
 
 
@@ -48,9 +48,8 @@ def main(argv=None):
     if a.config:
         from train.config import load_config
         pipe.defaults = load_config(a.config).sampler
-    if a.to.exists():
-        shutil.rmtree(a.to)
-    pipe.save_pretrained(a.to, dtype=torch.float16)
+    # written beside --to and renamed into place: an interrupted ship never leaves a half-written model
+    atomic_write(a.to, lambda tmp: pipe.save_pretrained(tmp, dtype=torch.float16), directory=True)
     size = sum(f.stat().st_size for f in a.to.rglob("*") if f.is_file())
     print(f"shipped {a.export} -> {a.to}: {size / 1e6:.1f} MB")
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
@@ -39,6 +40,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from biomedjourney.atomic import atomic_write, write_text as atomic_text
 from biomedjourney.config import NO_CHANGE, write_json
 from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
 from biomedjourney.pipeline import BiomedJourneyPipeline, assemble
@@ -92,10 +94,8 @@ def build_cache(rows: list[dict], vae: AutoencoderKL, text_spec, resolution: int
         masks.append(m.to(torch.int8).cpu())
     cache = {"latents": lat, "text_emb": torch.cat(embs), "text_mask": torch.cat(masks),
              "image_keys": _keys(images), "text_keys": _keys(texts)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cache, tmp, metadata={"images": json.dumps(images), "texts": json.dumps(texts)})
-    tmp.replace(path)  # atomic: a second run sharing the cache never reads half a file
+    meta = {"images": json.dumps(images), "texts": json.dumps(texts)}
+    atomic_write(path, lambda tmp: save_file(cache, tmp, metadata=meta))  # a run sharing the cache never reads half a file
     return load_file(path)
 
 
@@ -197,45 +197,41 @@ def validation_grid(pipe: BiomedJourneyPipeline, val: list[dict], cache: dict, i
             ax.axis("off")
         axes[i][1].set_xlabel(r["text"][:60], fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- training
-def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, resume: str | None = None,
-          minutes: float | None = None, curriculum: bool = True, register: bool = True,
-          export_dtype: str = "fp16", command: str = "", stop_after: int | None = None,
-          cache_dir: Path | None = None) -> dict:
-    tc = cfg.stage1 if stage == 1 else cfg.stage2
-    # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
-                      log_with="tensorboard", project_dir=str(out / f"stage{stage}"))
-    sdir = out / f"stage{stage}"
-    sdir.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(acc.device).eval().requires_grad_(False)
-    text_spec = cfg.model.text_encoder
+@dataclass
+class Trainee:
+    """What one stage trains: the (accelerate-wrapped) UNet, its EMA, optimizer and schedules."""
+    model: torch.nn.Module            # acc.prepare'd UNet (DDP-wrapped on several processes)
+    raw: UNet2DConditionModel         # the unwrapped UNet
+    ema: EMAModel
+    ema_module: UNet2DConditionModel  # holds EMA weights for checkpoints/validation/export
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    noise_sched: DDPMScheduler
 
-    # 1. Rows and the latent/text cache (main process builds it, the others read it)
-    rows = training_rows(data, stage, register)
-    val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
-    if not rows:
-        raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
-    # stage 2 keys on the whole folder: the registered priors' pixels are part of its data
+    def ema_weights(self) -> UNet2DConditionModel:
+        """The UNet with the EMA weights (copied in now)."""
+        self.ema.copy_to(self.ema_module.parameters())
+        return self.ema_module
+
+
+def cache_path_for(data: Path, stage: int, register: bool, vae_path: Path, text_spec, folder: Path) -> Path:
+    """The latent/text cache file: keyed on the data (stage 2: the whole folder, since the registered priors'
+    pixels are part of its data), registration, the autoencoder's weights and the text encoder, so runs on
+    the same data share it."""
     tag = hashlib.sha256(f"{manifest_hash(data / 'stage1.csv' if stage == 1 else data)}:{register}:"
                          f"{(Path(vae_path) / 'diffusion_pytorch_model.safetensors').stat().st_mtime_ns}:"
                          f"{json.dumps(text_spec)}".encode()).hexdigest()[:12]
-    cache_path = (cache_dir or out) / f"cache-stage{stage}-{tag}.safetensors"  # runs on the same data share it
-    if acc.is_main_process:
-        build_cache(rows + val_rows, vae, text_spec, cfg.model.resolution, cache_path, acc.device)
-    acc.wait_for_everyone()
-    cache = load_file(cache_path)
-    idx, val_idx = index_rows(rows, cache), index_rows(val_rows, cache)
-    latents, temb, tmask = cache["latents"], cache["text_emb"], cache["text_mask"]
-    empty, no_change = text_index("", cache), text_index(NO_CHANGE, cache)
+    return folder / f"cache-stage{stage}-{tag}.safetensors"
 
-    # 2. Model, EMA, optimizer, LR schedule
-    text_dim = temb.shape[-1]
+
+def build_trainee(cfg: RunConfig, tc: DiffusionTrain, stage: int, vae: AutoencoderKL, text_dim: int, out: Path,
+                  curriculum: bool, acc: Accelerator) -> Trainee:
+    """UNet (init_unet), EMA, AdamW, cosine LR schedule and the DDPM noise schedule, prepared by accelerate."""
     unet = init_unet(cfg, tc, stage, vae, text_dim, out, curriculum)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -247,110 +243,216 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     model, opt = acc.prepare(unet, opt)
     raw = acc.unwrap_model(model)
     ema.to(acc.device)
-    ema_module = copy.deepcopy(raw).requires_grad_(False)  # holds EMA weights for checkpoints/validation/export
+    return Trainee(model, raw, ema, copy.deepcopy(raw).requires_grad_(False), opt, lr_sched, noise_sched)
 
-    step, ckdir = 0, sdir / "checkpoints"
-    if resume:
-        ck = find_checkpoint(ckdir, resume)
-        if ck is not None:
-            meta = load_checkpoint(ck, models={"unet": raw, "ema": ema_module}, optimizer=opt)
-            step = meta["step"]
-            ema = EMAModel(ema_module.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
-                           model_cls=UNet2DConditionModel, model_config=raw.config)
-            ema.optimization_step = meta["extra"]["ema_step"]
-            lr_sched.load_state_dict(meta["extra"]["lr_sched"])
-            acc.print(f"resumed from {ck} at step {step}")
-    start_step = step
-    acc.init_trackers(f"stage{stage}", config={"lr": tc.lr, "batch_size": tc.batch_size, "steps": tc.steps})
-    acc.print(f"stage {stage}: UNet {count_parameters(raw) / 1e6:.2f}M params, {len(rows)} training rows, "
-              f"batch {tc.batch_size} x {acc.num_processes} processes, {tc.steps} steps")
 
-    def checkpoint():
-        ema.copy_to(ema_module.parameters())
-        save_checkpoint(ckdir, step, models={"unet": raw, "ema": ema_module}, optimizer=opt,
-                        extra={"ema_step": ema.optimization_step, "lr_sched": lr_sched.state_dict(),
-                               "config": config_dict(cfg)})
+def resume_trainee(t: Trainee, ckdir: Path, resume: str | None, tc: DiffusionTrain, acc: Accelerator) -> int:
+    """Restore weights, EMA, optimizer and LR schedule from a checkpoint (``resume``: 'latest' or a folder);
+    returns the step to continue from (0 when there is nothing to resume)."""
+    ck = find_checkpoint(ckdir, resume) if resume else None
+    if ck is None:
+        return 0
+    meta = load_checkpoint(ck, models={"unet": t.raw, "ema": t.ema_module}, optimizer=t.opt)
+    t.ema = EMAModel(t.ema_module.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
+                     model_cls=UNet2DConditionModel, model_config=t.raw.config)
+    t.ema.optimization_step = meta["extra"]["ema_step"]
+    t.lr_sched.load_state_dict(meta["extra"]["lr_sched"])
+    acc.print(f"resumed from {ck} at step {meta['step']}")
+    return meta["step"]
 
-    # 3. Train on the cache
-    log_path = sdir / "log.csv"
-    new_log = not log_path.is_file()
-    log = open(log_path, "a", newline="")
-    writer = csv.writer(log)
-    if new_log:
-        writer.writerow(["step", "loss", "lr", "seconds"])
-    budget = (minutes if minutes is not None else tc.max_minutes) * 60
-    t0, losses, window = time.time(), [], []  # losses: one mean per log_every steps, over all processes
+
+def save_trainee(t: Trainee, ckdir: Path, step: int, cfg: RunConfig) -> None:
+    t.ema_weights()
+    save_checkpoint(ckdir, step, models={"unet": t.raw, "ema": t.ema_module}, optimizer=t.opt,
+                    extra={"ema_step": t.ema.optimization_step, "lr_sched": t.lr_sched.state_dict(),
+                           "config": config_dict(cfg)})
+
+
+def make_batch(b: torch.Tensor, idx: dict, cache: dict, tc: DiffusionTrain, stage: int, g: torch.Generator,
+               empty: int, no_change: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``b`` -> (target latents, prior latents (zero where dropped or absent), text embeddings, masks),
+    with conditioning dropout and (stage 2) identity rows drawn from ``g``."""
+    latents = cache["latents"]
+    drop_text, drop_image = conditioning_dropout(len(b), tc, stage, g)
+    pi, zi, ti = idx["prior"][b], idx["target"][b], torch.where(drop_text, empty, idx["text"][b])
+    if stage == 2 and tc.identity_prob > 0:
+        zi, ti, drop_image = identity_rows(zi, pi, ti, drop_image, tc.identity_prob, no_change, g)
+    z = latents[zi].float()                                                 # (B, C, h, w)
+    prior = torch.where((drop_image | (pi < 0))[:, None, None, None], torch.zeros_like(z),
+                        latents[pi.clamp(min=0)].float())                     # (B, C, h, w)
+    return z, prior, cache["text_emb"][ti].float(), cache["text_mask"][ti].long()  # + (B, T, D), (B, T)
+
+
+def diffusion_loss(t: Trainee, acc: Accelerator, prediction_type: str, batch: tuple, g: torch.Generator) -> torch.Tensor:
+    """MSE between the UNet's prediction on a noised batch and its target (epsilon or v)."""
+    z, prior, emb, mask = batch
+    noise = torch.randn(z.shape, generator=g)
+    ts = torch.randint(0, t.noise_sched.config.num_train_timesteps, (len(z),), generator=g)
+    noisy = t.noise_sched.add_noise(z, noise, ts)
+    target = noise if prediction_type == "epsilon" else t.noise_sched.get_velocity(z, noise, ts)
+    x = torch.cat([noisy, prior], 1).to(acc.device)                          # (B, 2C, h, w)
+    with acc.autocast():
+        pred = t.model(x, ts.to(acc.device), encoder_hidden_states=emb.to(acc.device),
+                       encoder_attention_mask=mask.to(acc.device)).sample
+    return F.mse_loss(pred.float(), target.to(acc.device))
+
+
+def optimise(t: Trainee, acc: Accelerator, loss: torch.Tensor, max_grad_norm: float) -> None:
+    t.opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    acc.clip_grad_norm_(t.model.parameters(), max_grad_norm)
+    t.opt.step()
+    t.lr_sched.step()
+    t.ema.step(t.raw.parameters())
+
+
+class LossLog:
+    """log.csv (step, loss, lr, seconds) and TensorBoard: one mean over all processes per log line."""
+
+    def __init__(self, path: Path, acc: Accelerator):
+        self.acc, new = acc, not path.is_file()
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "loss", "lr", "seconds"])
+        self.means: list[float] = []
+        self.window: list[torch.Tensor] = []
+
+    def write(self, step: int, lr: float, seconds: float) -> float:
+        """Gather and log the mean of the losses since the last line (one all-gather, on every process)."""
+        self.means.append(self.acc.gather(torch.stack(self.window)[None]).mean().item())
+        self.window.clear()
+        if self.acc.is_main_process:
+            self.writer.writerow([step, f"{self.means[-1]:.5f}", f"{lr:.2e}", f"{seconds:.1f}"])
+            self.file.flush()
+            self.acc.log({"loss": self.means[-1], "lr": lr}, step=step)
+        return self.means[-1]
+
+    def final_loss(self, log_every: int) -> float | None:
+        return float(np.mean(self.means[-max(1, 50 // log_every):])) if self.means else None
+
+
+def write_rank_fingerprint(unet: torch.nn.Module, sdir: Path, rank: int) -> None:
+    """sdir/weights-rank<N>.sha256: a hash of this process's weights. Every rank must end with the same
+    weights (the data-parallel check; tests compare the files of a two-process run)."""
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in unet.parameters())).hexdigest()
+    atomic_text(sdir / f"weights-rank{rank}.sha256", digest + "\n")
+
+
+def export_stage(t: Trainee, vae, cfg: RunConfig, text_spec, sdir: Path, export_dtype: str, info: dict) -> None:
+    """The EMA weights as a pipeline folder (sdir/export) that BiomedJourneyPipeline.from_pretrained loads."""
+    pipe = make_pipeline(t.ema_weights().eval(), vae, cfg, text_spec, info)
+    dtype = {"fp16": torch.float16, "fp32": None, "bf16": torch.bfloat16}[export_dtype]
+    atomic_write(sdir / "export", lambda tmp: pipe.save_pretrained(tmp, dtype=dtype), directory=True)
+
+
+@dataclass
+class StageData:
+    """The rows of one stage and their cache: latents of every image, embeddings of every text."""
+    rows: list[dict]
+    val_rows: list[dict]
+    cache: dict
+    idx: dict[str, torch.Tensor]
+    val_idx: dict[str, torch.Tensor]
+    empty: int       # cache row of the empty prompt (text dropout)
+    no_change: int   # cache row of NO_CHANGE (identity rows)
+
+
+def load_stage_data(acc: Accelerator, cfg: RunConfig, stage: int, data: Path, register: bool, vae: AutoencoderKL,
+                    vae_path: Path, cache_folder: Path) -> StageData:
+    """Training and validation rows, and the latent/text cache (the main process builds it, the others read it)."""
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    rows = training_rows(data, stage, register)
+    val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
+    if not rows:
+        raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
+    path = cache_path_for(data, stage, register, vae_path, cfg.model.text_encoder, cache_folder)
+    if acc.is_main_process:
+        build_cache(rows + val_rows, vae, cfg.model.text_encoder, cfg.model.resolution, path, acc.device)
+    acc.wait_for_everyone()
+    cache = load_file(path)
+    return StageData(rows, val_rows, cache, index_rows(rows, cache), index_rows(val_rows, cache),
+                     text_index("", cache), text_index(NO_CHANGE, cache))
+
+
+def checkpoint_and_validate(t: Trainee, cfg: RunConfig, stage: int, d: StageData, vae, sdir: Path, step: int,
+                            stopping: bool) -> None:
+    """Main process, after a step: a checkpoint and a validation grid when they are due (always at the end)."""
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    last = stopping or step == tc.steps
+    if step % tc.checkpoint_every == 0 or last:
+        save_trainee(t, sdir / "checkpoints", step, cfg)
+    if d.val_rows and (step % tc.val_every == 0 or last):
+        pipe = make_pipeline(t.ema_weights().eval(), vae, cfg, cfg.model.text_encoder, {}, load_text=False)
+        validation_grid(pipe, d.val_rows, d.cache, d.val_idx, int(d.empty), stage, tc.val_steps,
+                        sdir / f"val-{step:06d}.png", cfg.seed)
+
+
+def run_steps(t: Trainee, acc: Accelerator, cfg: RunConfig, stage: int, d: StageData, vae, sdir: Path, step: int,
+              budget_s: float, stop_after: int | None, log: LossLog, t0: float) -> int:
+    """Train from ``step`` until the schedule ends, the time budget (from t0) runs out or ``stop_after``;
+    returns the last step done."""
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
     bar = tqdm(total=tc.steps, initial=step, desc=f"stage {stage}", disable=not acc.is_main_process)
-    model.train()
+    t.model.train()
     while step < tc.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
-        b = batch_indices(len(rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
-        drop_text, drop_image = conditioning_dropout(len(b), tc, stage, g)
-        pi, zi, ti = idx["prior"][b], idx["target"][b], torch.where(drop_text, empty, idx["text"][b])
-        if stage == 2 and tc.identity_prob > 0:
-            zi, ti, drop_image = identity_rows(zi, pi, ti, drop_image, tc.identity_prob, no_change, g)
-        z = latents[zi].float()                                                 # (B, C, h, w)
-        prior = torch.where((drop_image | (pi < 0))[:, None, None, None], torch.zeros_like(z),
-                            latents[pi.clamp(min=0)].float())                     # (B, C, h, w)
-        emb, mask = temb[ti].float(), tmask[ti].long()                           # (B, T, D), (B, T)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(b),), generator=g)
-        noisy = noise_sched.add_noise(z, noise, t)
-        target = noise if cfg.model.prediction_type == "epsilon" else noise_sched.get_velocity(z, noise, t)
-        x = torch.cat([noisy, prior], 1).to(acc.device)                          # (B, 2C, h, w)
-        with acc.autocast():
-            pred = model(x, t.to(acc.device), encoder_hidden_states=emb.to(acc.device),
-                         encoder_attention_mask=mask.to(acc.device)).sample
-        loss = F.mse_loss(pred.float(), target.to(acc.device))
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-        opt.step()
-        lr_sched.step()
-        ema.step(raw.parameters())
+        b = batch_indices(len(d.rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
+        batch = make_batch(b, d.idx, d.cache, tc, stage, g, d.empty, d.no_change)
+        loss = diffusion_loss(t, acc, cfg.model.prediction_type, batch, g)
+        optimise(t, acc, loss, tc.max_grad_norm)
         step += 1
-        window.append(loss.detach())
+        log.window.append(loss.detach())
         bar.update(1)
         if step % tc.log_every == 0 or step in (tc.steps, stop_after):  # one all-gather per log line, not every step
-            losses.append(acc.gather(torch.stack(window)[None]).mean().item())
-            window.clear()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if acc.is_main_process:
-                writer.writerow([step, f"{losses[-1]:.5f}", f"{lr_sched.get_last_lr()[0]:.2e}", f"{time.time() - t0:.1f}"])
-                log.flush()
-                acc.log({"loss": losses[-1], "lr": lr_sched.get_last_lr()[0]}, step=step)
-        out_of_time = (budget > 0 and time.time() - t0 > budget) or step == stop_after
-        if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time or step == tc.steps):
-            checkpoint()
-        if acc.is_main_process and val_rows and (step % tc.val_every == 0 or step == tc.steps or out_of_time):
-            ema.copy_to(ema_module.parameters())
-            pipe = make_pipeline(ema_module.eval(), vae, cfg, text_spec, {}, load_text=False)
-            validation_grid(pipe, val_rows, cache, val_idx, int(empty), stage, tc.val_steps, sdir / f"val-{step:06d}.png", cfg.seed)
+            bar.set_postfix(loss=f"{log.write(step, t.lr_sched.get_last_lr()[0], time.time() - t0):.4f}")
+        out_of_time = (budget_s > 0 and time.time() - t0 > budget_s) or step == stop_after
+        if acc.is_main_process:
+            checkpoint_and_validate(t, cfg, stage, d, vae, sdir, step, out_of_time)
         if out_of_time:
             acc.print(f"stopping at step {step} (time budget or --stop-after); continue with --resume latest")
             break
     bar.close()
-    log.close()
-    # a fingerprint of this rank's weights: all ranks must end identical (tests check it)
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in raw.parameters())).hexdigest()
-    (sdir / f"weights-rank{acc.process_index}.sha256").write_text(digest + "\n")
+    return step
+
+
+def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, resume: str | None = None,
+          minutes: float | None = None, curriculum: bool = True, register: bool = True,
+          export_dtype: str = "fp16", command: str = "", stop_after: int | None = None,
+          cache_dir: Path | None = None) -> dict:
+    tc = cfg.stage1 if stage == 1 else cfg.stage2
+    # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
+                      log_with="tensorboard", project_dir=str(out / f"stage{stage}"))
+    sdir = out / f"stage{stage}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(acc.device).eval().requires_grad_(False)
+    # 1. Rows and the latent/text cache
+    d = load_stage_data(acc, cfg, stage, data, register, vae, vae_path, cache_dir or out)
+    # 2. Model, EMA, optimizer, LR schedule
+    t = build_trainee(cfg, tc, stage, vae, d.cache["text_emb"].shape[-1], out, curriculum, acc)
+    step = start_step = resume_trainee(t, sdir / "checkpoints", resume, tc, acc)
+    acc.init_trackers(f"stage{stage}", config={"lr": tc.lr, "batch_size": tc.batch_size, "steps": tc.steps})
+    acc.print(f"stage {stage}: UNet {count_parameters(t.raw) / 1e6:.2f}M params, {len(d.rows)} training rows, "
+              f"batch {tc.batch_size} x {acc.num_processes} processes, {tc.steps} steps")
+    # 3. Train on the cache
+    log, t0 = LossLog(sdir / "log.csv", acc), time.time()
+    budget_s = (minutes if minutes is not None else tc.max_minutes) * 60
+    step = run_steps(t, acc, cfg, stage, d, vae, sdir, step, budget_s, stop_after, log, t0)
+    log.file.close()
+    write_rank_fingerprint(t.raw, sdir, acc.process_index)
     acc.wait_for_everyone()
     acc.end_training()
     seconds = time.time() - t0
-    result = {"stage": stage, "steps": step, "seconds": seconds, "rows": len(rows),
-              "seconds_per_step": seconds / max(1, step - start_step),
-              "final_loss": float(np.mean(losses[-max(1, 50 // tc.log_every):])) if losses else None}
-
+    result = {"stage": stage, "steps": step, "seconds": seconds, "rows": len(d.rows),
+              "seconds_per_step": seconds / max(1, step - start_step), "final_loss": log.final_loss(tc.log_every)}
     # 4. Export the EMA weights as a pipeline folder
     if acc.is_main_process:
-        ema.copy_to(ema_module.parameters())
         info = {"stage": stage, "config": config_dict(cfg), "command": command, "seed": cfg.seed,
                 "manifest_sha256": manifest_hash(data / ("stage1.csv" if stage == 1 else "stage2.csv")),
-                "training_rows": len(rows), "steps": step, "wall_seconds": round(seconds, 1),
+                "training_rows": len(d.rows), "steps": step, "wall_seconds": round(seconds, 1),
                 "curriculum": curriculum, "registration": register, "processes": acc.num_processes}
-        pipe = make_pipeline(ema_module.eval(), vae, cfg, text_spec, info)
-        dtype = {"fp16": torch.float16, "fp32": None, "bf16": torch.bfloat16}[export_dtype]
-        pipe.save_pretrained(sdir / "export", dtype=dtype)
+        export_stage(t, vae, cfg, cfg.model.text_encoder, sdir, export_dtype, info)
         write_json(result, sdir / "result.json")
         acc.print(f"stage {stage}: {step} steps in {seconds / 60:.1f} min; exported {sdir / 'export'}")
     return result

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from biomedjourney.atomic import atomic_write
 from biomedjourney.config import write_json
 from biomedjourney.metrics import psnr, ssim
 from biomedjourney.model import build_vae, count_parameters
@@ -91,47 +92,119 @@ class _ReconstructStep(torch.nn.Module):
         return y, post.kl().mean() / x[0].numel()
 
 
+def init_autoencoder(cfg: RunConfig, init: Path | None, decoder_only: bool):
+    """A new AutoencoderKL (cfg.model), else the config's pretrained one, else ``init``; with decoder_only
+    the encoder (and quant_conv) are frozen."""
+    from diffusers import AutoencoderKL
+    vae = build_vae(cfg.model)
+    if cfg.autoencoder.pretrained:
+        src = cfg.autoencoder.pretrained
+        sub = None if (Path(src) / "config.json").is_file() else "vae"  # hub pipelines: vae/ subfolder
+        vae = AutoencoderKL.from_pretrained(src, subfolder=sub)
+    if init is not None:
+        vae = AutoencoderKL.from_pretrained(init, torch_dtype=torch.float32)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    return vae
+
+
+def crop_batch(images: torch.Tensor, idx: torch.Tensor, cfg: RunConfig, g: torch.Generator,
+               device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x: one random crop position for the batch, in [-1, 1]; reparameterisation noise; extra latent noise or None),
+    all drawn from ``g``."""
+    tc = cfg.autoencoder
+    x = to_float(images[idx])                                      # (B, 1, 256, 256)
+    oy, ox = torch.randint(0, x.shape[-1] - tc.crop + 1, (2,), generator=g).tolist()
+    x = x[..., oy:oy + tc.crop, ox:ox + tc.crop].to(device)        # (B, 1, crop, crop)
+    f = 2 ** (len(cfg.model.vae.block_out_channels) - 1)
+    noise = torch.randn(len(x), cfg.model.vae.latent_channels, tc.crop // f, tc.crop // f, generator=g)
+    extra = None
+    if tc.latent_noise > 0:
+        extra = tc.latent_noise * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(noise.shape, generator=g)
+        extra = extra.to(device)
+    return x, noise.to(device), extra
+
+
+def reconstruction_loss(model, x: torch.Tensor, noise: torch.Tensor, extra, tc) -> dict[str, torch.Tensor]:
+    """L1 + ssim_weight x (1 - SSIM) + kl_weight x KL of one batch; returns all four."""
+    y, kl = model(x, noise, extra)                                 # (B, 1, crop, crop)
+    y = y.float()
+    l1 = (y - x).abs().mean()
+    s = ssim((y.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+    return {"loss": l1 + tc.ssim_weight * (1 - s) + tc.kl_weight * kl, "l1": l1, "ssim": s, "kl": kl}
+
+
+class Bookkeeping:
+    """Around the training steps: resume from OUT/checkpoints-vae, and on the main process OUT/vae_log.csv
+    (every 10 steps), checkpoints and validation on the first 64 val images."""
+    LOG = {"loss": ".5f", "l1": ".5f", "ssim": ".4f", "kl": ".3f"}  # vae_log.csv columns after step
+
+    def __init__(self, raw, opt, lr_sched, cfg: RunConfig, out: Path, val_imgs: torch.Tensor):
+        self.raw, self.opt, self.lr_sched, self.cfg, self.val_imgs = raw, opt, lr_sched, cfg, val_imgs
+        self.ckdir = out / "checkpoints-vae"
+        log_path = out / "vae_log.csv"
+        self.log = open(log_path, "a", newline="")
+        self.writer = csv.writer(self.log)
+        if log_path.stat().st_size == 0:
+            self.writer.writerow(["step", *self.LOG, "seconds"])
+
+    def resume(self, which: str | None, acc) -> int:
+        """The step to start from: that of checkpoint ``which`` ('latest' or a folder), restored; else 0."""
+        ck = find_checkpoint(self.ckdir, which) if which else None
+        if ck is None:
+            return 0
+        meta = load_checkpoint(ck, models={"vae": self.raw}, optimizer=self.opt)
+        self.lr_sched.load_state_dict(meta["extra"]["lr_sched"])
+        acc.print(f"resumed from {ck} at step {meta['step']}")
+        return meta["step"]
+
+    def after_step(self, step: int, parts: dict, seconds: float, out_of_time: bool, bar) -> None:
+        tc = self.cfg.autoencoder
+        if step % 10 == 0:
+            self.writer.writerow([step, *(f"{parts[k].item():{f}}" for k, f in self.LOG.items()), f"{seconds:.1f}"])
+            self.log.flush()
+        if step % tc.checkpoint_every == 0 or out_of_time:
+            save_checkpoint(self.ckdir, step, models={"vae": self.raw}, optimizer=self.opt,
+                            extra={"config": config_dict(self.cfg), "lr_sched": self.lr_sched.state_dict()})
+        if step % tc.val_every == 0:
+            m = evaluate_vae(self.raw, self.val_imgs[:64])
+            bar.write(f"step {step}: val PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+
+
+def export_autoencoder(raw, cfg: RunConfig, out: Path, train_imgs: torch.Tensor, val_imgs: torch.Tensor,
+                       result: dict, decoder_only: bool, init: Path | None) -> dict:
+    """Validate, set the latent scaling factor (unless only the decoder trained), save OUT/vae and vae_metrics.json."""
+    result.update(evaluate_vae(raw, val_imgs))
+    if not decoder_only:  # the encoder (and so the latent scale) is unchanged when only the decoder trains
+        raw.register_to_config(scaling_factor=latent_scaling_factor(raw, train_imgs))
+    atomic_write(out / "vae", lambda tmp: raw.save_pretrained(tmp, safe_serialization=True), directory=True)
+    result.update(latent_channels=cfg.model.vae.latent_channels, params=count_parameters(raw),
+                  scaling_factor=raw.config.scaling_factor, config=dataclasses.asdict(cfg.autoencoder),
+                  decoder_only=decoder_only, init=str(init or ""))
+    write_json(result, out / "vae_metrics.json")
+    return result
+
+
 def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minutes: float | None = None,
           init: Path | None = None, decoder_only: bool = False) -> dict:
     """Train (or, with decoder_only, fine-tune only the decoder of `init`: latents stay identical,
     so a UNet trained on the frozen encoder's latents keeps working; as SD's ft-MSE VAE)."""
+    from diffusers.optimization import get_scheduler
     tc = cfg.autoencoder
     # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     train_imgs, val_imgs = load_split_images(data, cfg.model.resolution)
-    vae = build_vae(cfg.model)
-    if tc.pretrained:
-        from diffusers import AutoencoderKL
-        sub = None if (Path(tc.pretrained) / "config.json").is_file() else "vae"  # hub pipelines: vae/ subfolder
-        vae = AutoencoderKL.from_pretrained(tc.pretrained, subfolder=sub)
-    if init is not None:
-        from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(init, torch_dtype=torch.float32)
-    if decoder_only:
-        vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:
-            vae.quant_conv.requires_grad_(False)
-    raw = vae
-    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
-    from diffusers.optimization import get_scheduler
+    raw = init_autoencoder(cfg, init, decoder_only)
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
     lr_sched = get_scheduler("cosine", opt, num_warmup_steps=min(100, tc.steps // 10), num_training_steps=tc.steps)
-    model, opt = acc.prepare(_ReconstructStep(vae), opt)
-    ckdir, step = out / "checkpoints-vae", 0
-    if resume:
-        ck = find_checkpoint(ckdir, resume)
-        if ck is not None:
-            meta = load_checkpoint(ck, models={"vae": raw}, optimizer=opt)
-            step = meta["step"]
-            lr_sched.load_state_dict(meta["extra"]["lr_sched"])
-            acc.print(f"resumed from {ck} at step {step}")
+    model, opt = acc.prepare(_ReconstructStep(raw), opt)
+    book = Bookkeeping(raw, opt, lr_sched, cfg, out, val_imgs)
+    step = book.resume(resume, acc)
     budget = (minutes if minutes is not None else tc.max_minutes) * 60
-    log_path = out / "vae_log.csv"
-    log = open(log_path, "a", newline="")
-    writer = csv.writer(log)
-    if log_path.stat().st_size == 0:
-        writer.writerow(["step", "loss", "l1", "ssim", "kl", "seconds"])
     acc.print(f"autoencoder: {count_parameters(raw) / 1e6:.2f}M params, {len(train_imgs)} train / "
               f"{len(val_imgs)} val images, crop {tc.crop}, latent channels {cfg.model.vae.latent_channels}")
     t0 = time.time()
@@ -139,54 +212,26 @@ def train(cfg: RunConfig, data: Path, out: Path, resume: str | None = None, minu
     while step < tc.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
         idx = batch_indices(len(train_imgs), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
-        x = to_float(train_imgs[idx])                                  # (B, 1, 256, 256)
-        H = x.shape[-1]
-        oy, ox = torch.randint(0, H - tc.crop + 1, (2,), generator=g).tolist()
-        x = x[..., oy:oy + tc.crop, ox:ox + tc.crop].to(acc.device)    # (B, 1, crop, crop)
-        f = 2 ** (len(cfg.model.vae.block_out_channels) - 1)
-        noise = torch.randn(len(x), cfg.model.vae.latent_channels, tc.crop // f, tc.crop // f, generator=g)
-        extra = None
-        if tc.latent_noise > 0:
-            extra = tc.latent_noise * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(noise.shape, generator=g)
-            extra = extra.to(acc.device)
-        y, kl = model(x, noise.to(acc.device), extra)                  # (B, 1, crop, crop)
-        y = y.float()
-        l1 = (y - x).abs().mean()
-        s = ssim((y.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
-        loss = l1 + tc.ssim_weight * (1 - s) + tc.kl_weight * kl
+        parts = reconstruction_loss(model, *crop_batch(train_imgs, idx, cfg, g, acc.device), tc)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        acc.backward(parts["loss"])
         opt.step()
         lr_sched.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", ssim=f"{s.item():.3f}")
-        if acc.is_main_process and step % 10 == 0:
-            writer.writerow([step, f"{loss.item():.5f}", f"{l1.item():.5f}", f"{s.item():.4f}", f"{kl.item():.3f}", f"{time.time() - t0:.1f}"])
-            log.flush()
+        bar.set_postfix(loss=f"{parts['loss'].item():.4f}", ssim=f"{parts['ssim'].item():.3f}")
         out_of_time = budget > 0 and time.time() - t0 > budget
-        if acc.is_main_process and (step % tc.checkpoint_every == 0 or out_of_time):
-            save_checkpoint(ckdir, step, models={"vae": raw}, optimizer=opt,
-                            extra={"config": config_dict(cfg), "lr_sched": lr_sched.state_dict()})
-        if acc.is_main_process and step % tc.val_every == 0:
-            m = evaluate_vae(raw, val_imgs[:64])
-            bar.write(f"step {step}: val PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+        if acc.is_main_process:
+            book.after_step(step, parts, time.time() - t0, out_of_time, bar)
         if out_of_time:
             acc.print(f"time budget reached at step {step}")
             break
     bar.close()
-    log.close()
+    book.log.close()
     acc.wait_for_everyone()
     result = {"steps": step, "train_seconds": time.time() - t0}
     if acc.is_main_process:
-        result.update(evaluate_vae(raw, val_imgs))
-        if not decoder_only:  # the encoder (and so the latent scale) is unchanged when only the decoder trains
-            raw.register_to_config(scaling_factor=latent_scaling_factor(raw, train_imgs))
-        raw.save_pretrained(out / "vae", safe_serialization=True)
-        result.update(latent_channels=cfg.model.vae.latent_channels, params=count_parameters(raw),
-                      scaling_factor=raw.config.scaling_factor, config=dataclasses.asdict(cfg.autoencoder),
-                      decoder_only=decoder_only, init=str(init or ""))
-        write_json(result, out / "vae_metrics.json")
+        export_autoencoder(raw, cfg, out, train_imgs, val_imgs, result, decoder_only, init)
         acc.print(f"autoencoder val ({result['n']} images, full {cfg.model.resolution}px): "
                   f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}; exported {out / 'vae'}")
     return result
@@ -201,10 +246,13 @@ def sweep(cfg: RunConfig, data: Path, out: Path, channels: list[int], minutes: f
         rows.append({"latent_channels": c, "steps": r["steps"], "seconds": round(r["train_seconds"], 1),
                      "psnr": round(r["psnr"], 3), "ssim": round(r["ssim"], 4)})
         print(rows[-1])
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "sweep.csv", write_csv)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,7 +266,7 @@ def sweep(cfg: RunConfig, data: Path, out: Path, channels: list[int], minutes: f
     ax[1].set(xlabel="latent channels (8x down)", ylabel="val SSIM", xticks=ch)
     fig.suptitle(f"Autoencoder reconstruction after {minutes:g} min CPU training each")
     fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
+    atomic_write(out / "sweep.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(json.dumps(rows, indent=1))
 
 

@@ -41,7 +41,9 @@ from PIL import Image
 from scipy import ndimage
 
 from biomedjourney.anatomy import SEGMENTER_CLASSES, build_segmenter_model, split_lungs_by_side
+from biomedjourney.atomic import atomic_write, write_text
 from biomedjourney.dataset import data_root, licence_ok_for_weights, load_images, split_of
+from biomedjourney.imaging import load_model_input, to_model_input, to_uint8
 
 ZIP_NAME = "semantic_masks_v7labs_lungs.zip"
 SIZE = 256  # the dataset / model-input frame
@@ -59,15 +61,10 @@ def masks_zip_path() -> Path:
     return p
 
 
-def _dataset_geometry(a8: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """uint8 (H, W) -> (size, size): shorter side `size` (Lanczos) then centre crop, as the dataset."""
-    h, w = a8.shape
-    scale = size / min(h, w)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nh, nw) != (h, w):
-        a8 = np.asarray(Image.fromarray(a8).resize((nw, nh), Image.Resampling.LANCZOS))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return a8[top:top + size, left:left + size]
+def mask_to_frame(mask: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Boolean (H, W) mask at the original image size -> (size, size) bool in the model-input frame: the
+    geometry of ``imaging.to_model_input`` (shorter side ``size``, Lanczos, centre crop), then >= half."""
+    return to_model_input(mask.astype(np.float32), size) >= 0.5
 
 
 def split_lungs(lung: np.ndarray, min_frac: float = 0.02) -> np.ndarray | None:
@@ -109,19 +106,14 @@ def build_data(root: Path | None, cache: Path) -> dict:
         if not (m == 255).any():
             skipped["empty_mask"] += 1
             continue
-        lung = _dataset_geometry(np.where(m == 255, 255, 0).astype(np.uint8)) >= 128
-        ign = _dataset_geometry(np.where(m == 127, 255, 0).astype(np.uint8)) >= 128
+        lung, ign = mask_to_frame(m == 255), mask_to_frame(m == 127)
         lung = ndimage.binary_opening(lung, iterations=1)
         lab = split_lungs(lung)
         if lab is None:
             skipped["not_two_lungs"] += 1
             continue
         lab[ign & (lab == 0)] = 255
-        img = np.asarray(Image.open(row.path).convert("L"))
-        if img.shape != (SIZE, SIZE):
-            skipped["no_image"] += 1
-            continue
-        imgs.append(img)
+        imgs.append(to_uint8(load_model_input(row.path, SIZE)))
         labs.append(lab)
         info.append({"image_id": row.image_id, "patient_id": row.patient_id, "source": row.source,
                      "split": split_of(row.patient_id), "licence_ok": licence_ok_for_weights(row.license),
@@ -131,11 +123,12 @@ def build_data(root: Path | None, cache: Path) -> dict:
         h.update(f"{i['image_id']}:{i['mask_sha256']}\n".encode())
     meta = {"zip": str(zpath.name), "zip_sha256": zsha, "data_sha256": h.hexdigest(), "skipped": skipped,
             "items": info}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / "data.tmp.npz"
-    np.savez_compressed(tmp, images=np.stack(imgs), labels=np.stack(labs))
-    os.replace(tmp, arr_path)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    def write_arrays(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            np.savez_compressed(f, images=np.stack(imgs), labels=np.stack(labs))
+
+    atomic_write(arr_path, write_arrays)
+    write_text(meta_path, json.dumps(meta, indent=1))
     return {"meta": meta, "images": np.stack(imgs), "labels": np.stack(labs)}
 
 
@@ -217,7 +210,7 @@ def predict(model, images: np.ndarray, input_size: int, batch: int = 16) -> np.n
     return np.concatenate(out)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("assets/segmenter"))
     ap.add_argument("--work", type=Path, default=Path("work/runs/segmenter"))
@@ -231,144 +224,188 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="tu-mobilenetv3_small_100")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    return ap
 
-    import torch
-    from safetensors.torch import save_file
-    from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    torch.set_num_threads(a.threads)
-    t_start = time.time()
-    deadline = t_start + a.minutes * 60
 
-    data = build_data(data_root(a.data), a.work / "cache")
+def split_masks(data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks over data's items: train (train split AND licence ok for weights), val (val split)."""
     items = data["meta"]["items"]
     tr = np.array([i["split"] == "train" and i["licence_ok"] for i in items])
     va = np.array([i["split"] == "val" for i in items])
     print(f"{len(items)} masked images: {tr.sum()} train (licence ok), {va.sum()} val "
           f"({sum(i['split'] == 'train' and not i['licence_ok'] for i in items)} train images left out: licence); "
           f"skipped {data['meta']['skipped']}", flush=True)
-    xtr = torch.from_numpy(data["images"][tr]).float()[:, None] / 255
-    ytr = torch.from_numpy(data["labels"][tr].astype(np.int64))
+    return tr, va
 
-    arch = {"library": "segmentation_models_pytorch", "class": "Unet", "encoder_name": a.encoder,
-            "decoder_channels": [64, 32, 24, 16, 8], "in_channels": 1, "classes": len(SEGMENTER_CLASSES)}
-    torch.manual_seed(a.seed)
-    model = build_segmenter_model(arch)
-    steps_per_epoch = math.ceil(len(xtr) / a.batch_size)
-    total = a.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
-    def lr_factor(s: int) -> float:  # 100-step warm-up, then cosine to 0 at `total`
-        return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    g = torch.Generator().manual_seed(a.seed)
-    step, seconds_before = 0, 0.0
-    this_command = "python train/train_segmenter.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    commands = [this_command]
-    ckdir = a.work / "checkpoints"
-    if a.resume:
-        ck = find_checkpoint(ckdir, a.resume)
+
+class SegmenterRun:
+    """The model, optimizer (AdamW, 100-step warm-up then cosine to 0), augmentation generator and step count
+    of a training run; checkpoints (atomic, train.checkpoint) in --work/checkpoints and exact resume."""
+
+    def __init__(self, a: argparse.Namespace, n_train: int, command: str, t_start: float):
+        import torch
+        self.a, self.t_start = a, t_start
+        self.arch = {"library": "segmentation_models_pytorch", "class": "Unet", "encoder_name": a.encoder,
+                     "decoder_channels": [64, 32, 24, 16, 8], "in_channels": 1, "classes": len(SEGMENTER_CLASSES)}
+        torch.manual_seed(a.seed)
+        self.model = build_segmenter_model(self.arch)
+        self.steps_per_epoch = math.ceil(n_train / a.batch_size)
+        self.total = a.epochs * self.steps_per_epoch
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=a.lr, weight_decay=1e-4)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.g = torch.Generator().manual_seed(a.seed)
+        self.step, self.seconds_before, self.commands = 0, 0.0, [command]
+        self.ckdir = a.work / "checkpoints"
+
+    def lr_factor(self, s: int) -> float:  # 100-step warm-up, then cosine to 0 at `total`
+        return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, self.total) / self.total))
+
+    def resume(self, which: str) -> None:
+        from train.checkpoint import find_checkpoint, load_checkpoint
+        ck = find_checkpoint(self.ckdir, which)
         if ck is None:
-            print(f"no checkpoint in {ckdir}; starting fresh", flush=True)
-        else:
-            st = load_checkpoint(ck, models={"model": model}, optimizer=opt, generators={"aug": g})
-            step = st["step"]
-            seconds_before = st["extra"].get("seconds", 0.0)
-            commands = st["extra"].get("commands", ["(earlier run)"]) + [this_command]
-            sched.last_epoch = step  # the next sched.step() gives the lr of step + 1
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(step)
-            print(f"resumed {ck} at step {step}/{total}", flush=True)
+            print(f"no checkpoint in {self.ckdir}; starting fresh", flush=True)
+            return
+        st = load_checkpoint(ck, models={"model": self.model}, optimizer=self.opt, generators={"aug": self.g})
+        self.step = st["step"]
+        self.seconds_before = st["extra"].get("seconds", 0.0)
+        self.commands = st["extra"].get("commands", ["(earlier run)"]) + self.commands
+        self.sched.last_epoch = self.step  # the next sched.step() gives the lr of step + 1
+        for group in self.opt.param_groups:
+            group["lr"] = group["initial_lr"] * self.lr_factor(self.step)
+        print(f"resumed {ck} at step {self.step}/{self.total}", flush=True)
 
-    def checkpoint():
-        save_checkpoint(ckdir, step, models={"model": model}, optimizer=opt, generators={"aug": g},
-                        extra={"seconds": seconds_before + time.time() - t_start, "arch": arch, "commands": commands,
-                               "input_size": a.input_size})
+    def seconds(self) -> float:
+        """Training wall time over all calls (resumed runs included)."""
+        return self.seconds_before + time.time() - self.t_start
 
-    import torch.nn.functional as F
-    last_ck = time.time()
-    losses = []
-    while step < total and time.time() < deadline - 30:
-        model.train()
-        epoch, k = divmod(step, steps_per_epoch)
+    def checkpoint(self) -> None:
+        from train.checkpoint import save_checkpoint
+        save_checkpoint(self.ckdir, self.step, models={"model": self.model}, optimizer=self.opt,
+                        generators={"aug": self.g},
+                        extra={"seconds": self.seconds(), "arch": self.arch, "commands": self.commands,
+                               "input_size": self.a.input_size})
+
+    def train_step(self, xtr, ytr) -> float:
+        """One optimizer step on this step's batch (a fixed permutation per epoch), augmented, at input_size."""
+        import torch
+        import torch.nn.functional as F
+        a = self.a
+        self.model.train()
+        epoch, k = divmod(self.step, self.steps_per_epoch)
         perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch))
         idx = perm[k * a.batch_size:(k + 1) * a.batch_size]
-        x, y = augment(xtr[idx], ytr[idx], g)
+        x, y = augment(xtr[idx], ytr[idx], self.g)
         x = F.interpolate(x, size=(a.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         y = F.interpolate(y[:, None].float(), size=(a.input_size,) * 2, mode="nearest")[:, 0].long()
-        loss = loss_fn(model((x - 0.5) / 0.25), y)
-        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(self.model((x - 0.5) / 0.25), y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        losses.append(loss.item())
-        if step % steps_per_epoch == 0:
-            print(f"epoch {step // steps_per_epoch}/{a.epochs} step {step} loss {np.mean(losses):.4f} "
-                  f"lr {sched.get_last_lr()[0]:.2e} {time.time() - t_start:.0f}s", flush=True)
-            losses = []
-        if time.time() - last_ck > 180:
-            checkpoint()
-            last_ck = time.time()
-    checkpoint()
-    seconds = seconds_before + time.time() - t_start
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return loss.item()
 
-    pred = predict(model, data["images"][va], a.input_size)
-    d = dice_scores(pred, data["labels"][va])
-    # as segment() does it: largest component / holes / smoothing, then the plausibility check
+    def run(self, xtr, ytr, deadline: float) -> None:
+        """Train until the schedule ends or 30 s before the deadline; a checkpoint every 3 minutes and at the end."""
+        last_ck, losses = time.time(), []
+        while self.step < self.total and time.time() < deadline - 30:
+            losses.append(self.train_step(xtr, ytr))
+            if self.step % self.steps_per_epoch == 0:
+                print(f"epoch {self.step // self.steps_per_epoch}/{self.a.epochs} step {self.step} loss "
+                      f"{np.mean(losses):.4f} lr {self.sched.get_last_lr()[0]:.2e} {time.time() - self.t_start:.0f}s",
+                      flush=True)
+                losses = []
+            if time.time() - last_ck > 180:
+                self.checkpoint()
+                last_ck = time.time()
+        self.checkpoint()
+
+
+def validate(model, data: dict, va: np.ndarray, input_size: int) -> dict:
+    """Val Dice of the raw argmax and after segment()'s clean-up, and the images whose prediction segment()'s
+    plausibility check would reject (they fall back to the atlas)."""
     from biomedjourney.anatomy import _clean, plausibility_problems
+    items, images = data["meta"]["items"], data["images"][va]
+    pred = predict(model, images, input_size)
     post, fallbacks = np.zeros_like(pred), []
-    for i, p_ in enumerate(pred):
+    for i, p_ in enumerate(pred):  # as segment() does it: largest component / holes / smoothing, then the check
         r, l = _clean(p_ == 1), _clean(p_ == 2)
         post[i][r], post[i][l] = 1, 2
-        if plausibility_problems(r, l, data["images"][va][i].astype(np.float32) / 255):
+        if plausibility_problems(r, l, images[i].astype(np.float32) / 255):
             fallbacks.append(items[int(np.nonzero(va)[0][i])]["image_id"])
-    d_post = dice_scores(post, data["labels"][va])
-    n_val_patients = len({i["patient_id"] for i, v in zip(items, va) if v})
-    print(f"val Dice {d} (post-processed {d_post}; {len(fallbacks)} would fall back to the atlas) "
-          f"on {va.sum()} images / {n_val_patients} patients", flush=True)
-    done = step >= total
+    return {"dice": dice_scores(pred, data["labels"][va]), "dice_post": dice_scores(post, data["labels"][va]),
+            "fallbacks": fallbacks, "n_patients": len({i["patient_id"] for i, v in zip(items, va) if v})}
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous()
-          for k, v in model.state_dict().items()}
-    tmp = a.out / "model.safetensors.tmp"
-    save_file(sd, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, a.out / "model.safetensors")
+
+def export(run: SegmenterRun, data: dict, tr: np.ndarray, va: np.ndarray, v: dict, seconds: float) -> None:
+    """--out: model.safetensors (fp16), config.json, metrics.json, each written atomically."""
+    import torch
+    from safetensors.torch import save_file
+    a, model, done = run.a, run.model, run.step >= run.total
+    sd = {k: (t.detach().half() if t.is_floating_point() else t.detach()).contiguous()
+          for k, t in model.state_dict().items()}
+
+    def write_weights(tmp: str) -> None:
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600
+
+    atomic_write(a.out / "model.safetensors", write_weights)
     n_params = sum(p.numel() for p in model.parameters())
     config = {
-        "architecture": arch, "parameters": n_params, "dtype": "float16",
+        "architecture": run.arch, "parameters": n_params, "dtype": "float16",
         "input_size": a.input_size, "frame_size": SIZE,
         "normalization": {"mean": 0.5, "std": 0.25, "note": "x in [0,1] from imaging.to_model_input(size=256), "
                           "resized to input_size (bilinear, antialias), then (x-mean)/std"},
         "classes": list(SEGMENTER_CLASSES),
         "class_note": "sides are the PATIENT's: right_lung is on the image's left (anatomy.PATIENT_RIGHT_ON_IMAGE)",
-        "training": {"complete": done, "steps": step, "total_steps": total, "epochs": a.epochs,
+        "training": {"complete": done, "steps": run.step, "total_steps": run.total, "epochs": a.epochs,
                      "batch_size": a.batch_size, "lr": a.lr, "seconds": round(seconds, 1), "threads": a.threads,
                      "seed": a.seed, "device": "cpu", "torch": torch.__version__,
                      "segmentation_models_pytorch": __import__("segmentation_models_pytorch").__version__,
                      "python": platform.python_version(),
-                     "commands": commands},
+                     "commands": run.commands},
         "data": {"masks": f"torchxrayvision wheel: torchxrayvision/data/{ZIP_NAME}", "masks_licence": MASKS_LICENCE,
                  "zip_sha256": data["meta"]["zip_sha256"], "data_sha256": data["meta"]["data_sha256"],
                  "images": "shared CXR dataset (ieee8023 + hannover rows matched by source_path file name)",
-                 "n_matched": len(items), "n_train": int(tr.sum()), "n_val": int(va.sum()),
+                 "n_matched": len(data["meta"]["items"]), "n_train": int(tr.sum()), "n_val": int(va.sum()),
                  "skipped": data["meta"]["skipped"],
                  "split": "biomedjourney.dataset.split_of(patient_id); train images need licence_ok_for_weights"},
     }
-    (a.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    metrics = {"split": "val", "n_images": int(va.sum()), "n_patients": n_val_patients,
-               "dice": {k: round(v, 4) for k, v in d.items()},
-               "dice_postprocessed": {k: round(v, 4) for k, v in d_post.items()},
-               "atlas_fallbacks": {"n": len(fallbacks), "image_ids": fallbacks},
+    write_text(a.out / "config.json", json.dumps(config, indent=2) + "\n")
+    metrics = {"split": "val", "n_images": int(va.sum()), "n_patients": v["n_patients"],
+               "dice": {k: round(x, 4) for k, x in v["dice"].items()},
+               "dice_postprocessed": {k: round(x, 4) for k, x in v["dice_post"].items()},
+               "atlas_fallbacks": {"n": len(v["fallbacks"]), "image_ids": v["fallbacks"]},
                "note": "mean per-image Dice at 256x256 (V7 'Ignore' pixels excluded), validation patients only; "
                        "dice = raw network argmax, dice_postprocessed = after segment()'s clean-up; "
                        "atlas_fallbacks = images segment()'s plausibility check would reject",
                "training_complete": done, "data_sha256": data["meta"]["data_sha256"]}
-    (a.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(a.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     mb = (a.out / "model.safetensors").stat().st_size / 1e6
     print(f"exported {a.out} ({mb:.2f} MB, {n_params / 1e6:.2f} M params, "
-          f"{'complete' if done else f'step {step}/{total}: resume with --resume latest'})", flush=True)
+          f"{'complete' if done else f'step {run.step}/{run.total}: resume with --resume latest'})", flush=True)
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    t_start = time.time()
+    data = build_data(data_root(a.data), a.work / "cache")
+    tr, va = split_masks(data)
+    xtr = torch.from_numpy(data["images"][tr]).float()[:, None] / 255
+    ytr = torch.from_numpy(data["labels"][tr].astype(np.int64))
+    command = "python train/train_segmenter.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    run = SegmenterRun(a, len(xtr), command, t_start)
+    if a.resume:
+        run.resume(a.resume)
+    run.run(xtr, ytr, deadline=t_start + a.minutes * 60)
+    seconds = run.seconds()
+    v = validate(run.model, data, va, a.input_size)
+    print(f"val Dice {v['dice']} (post-processed {v['dice_post']}; {len(v['fallbacks'])} would fall back to the "
+          f"atlas) on {va.sum()} images / {v['n_patients']} patients", flush=True)
+    export(run, data, tr, va, v, seconds)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Evaluator networks: one small CNN backbone with four heads, trained in this project.
 
 No pretrained chest X-ray classifiers are available offline, so the battery trains its own
-(`python -m biomedjourney.evaluate.train_evaluators`) on the TRAIN split of the shared dataset:
+(`python train/train_evaluators.py`, in the repository) on the TRAIN split of the shared dataset:
 
     pathology  multi-label logits over ``labels`` (incl. an "Opacity (any)" aggregate)
     sex        one logit, P(male)
@@ -28,11 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import atomic_write, write_text
+
 ASSETS_EVALUATORS = Path(__file__).resolve().parents[2] / "assets" / "evaluators"
 WEIGHTS_FILE = "evaluators.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-TRAIN_COMMAND = "python -m biomedjourney.evaluate.train_evaluators --out assets/evaluators"
+TRAIN_COMMAND = "python train/train_evaluators.py --out assets/evaluators"  # in the repository: train/ is not installed
 
 OPACITY = "Opacity (any)"
 # Opacity-type findings: airspace disease of any cause (the "lung opacity" grouping of CheXpert /
@@ -134,10 +136,7 @@ class Evaluators(nn.Module):
         x = torch.as_tensor(images, dtype=torch.float32)
         if x.dim() == 3:
             x = x[:, None]                                                  # (N, 1, H, W)
-        r = self.cfg.resolution
-        if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
-        return standardise(x)
+        return standardise(to_resolution(x, self.cfg.resolution))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (N, 1, R, R) standardised -> logits / raw outputs per head."""
@@ -162,6 +161,14 @@ class Evaluators(nn.Module):
                            embedding=cat["embedding"].numpy())
 
 
+def to_resolution(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(N, 1, H, W) -> (N, 1, r, r): the evaluators' resize (bilinear, antialiased; unchanged when
+    already r x r), the same for the images they score and the images they train on."""
+    if x.shape[-2:] != (r, r):
+        x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
 def standardise(x: torch.Tensor) -> torch.Tensor:
     """Per-image zero mean, unit std: (N, 1, H, W) -> same."""
     m = x.mean((1, 2, 3), keepdim=True)
@@ -171,17 +178,17 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- save / load
 def save_evaluators(model: Evaluators, folder: str | os.PathLike, metrics: dict | None = None) -> Path:
-    """config.json + evaluators.safetensors (fp16) [+ metrics.json]."""
+    """config.json + evaluators.safetensors (fp16) [+ metrics.json], each written atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    write_text(folder / CONFIG_FILE, json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
     if metrics is not None:
-        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text(folder / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return folder
 
 
@@ -192,7 +199,7 @@ def load_evaluators(folder: str | os.PathLike | None = None) -> Evaluators:
     folder = Path(folder or ASSETS_EVALUATORS)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"No evaluator weights in {folder} (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                                f"train them with: {TRAIN_COMMAND}")
+                                f"train them in the repository with: {TRAIN_COMMAND}")
     cfg = EvaluatorConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
     model = Evaluators(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
@@ -215,5 +222,6 @@ def tiny_evaluators(seed: int = 0, labels: tuple[str, ...] = DEFAULT_LABELS) -> 
 
 
 __all__ = ["EvaluatorConfig", "Evaluators", "Predictions", "label_targets", "observed_labels",
-           "save_evaluators", "load_evaluators", "evaluator_metrics", "tiny_evaluators", "OPACITY",
+           "save_evaluators", "load_evaluators", "evaluator_metrics", "tiny_evaluators", "to_resolution",
+           "standardise", "OPACITY",
            "DEFAULT_LABELS", "ASSETS_EVALUATORS", "TRAIN_COMMAND"]

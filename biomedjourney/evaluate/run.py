@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..dataset import REPO_ROOT, data_root, has_data, load_pairs, missing_data_reason, patient_group
-from ..imaging import read_image, to_model_input
+from ..imaging import load_model_input, to_model_input
 from . import table
 from .evaluators import Evaluators, evaluator_metrics, label_targets, load_evaluators
 from .metrics import (change_magnitude, cmig, macro_auc, mean_std, pearson_r, reid_auc, roc_auc,
@@ -98,32 +98,50 @@ def _registrar():
 
 def load_row(row, res: int = 256) -> np.ndarray:
     """A dataset image (an ImageRow) as the models see it: (res, res) float32 in [0, 1]."""
-    return to_model_input(read_image(row.path).pixels, res)
+    return load_model_input(row.path, res)
 
 
 def load_pair_data(pairs, ev: Evaluators, register: bool = True) -> tuple[PairData, str]:
     """Images and targets of the pairs; the follow-up is registered onto the PRIOR (model-independent)."""
     reg_fn, reason = _registrar() if register else (None, "registration disabled (--no-register-metrics)")
-    load = lambda row: load_row(row, REF_RES)  # noqa: E731
+    prior, followup, followup_reg = _load_images(pairs, reg_fn)
+    path_y, path_known = _label_targets(pairs, "followup", ev)
+    prior_y, prior_known = _label_targets(pairs, "prior", ev)
+    return PairData(
+        pair_ids=[p.pair_id for p in pairs], prior_ids=[p.prior.image_id for p in pairs],
+        groups=[patient_group(p.patient_id) for p in pairs], texts=[p.progression_text for p in pairs],
+        prior=prior, followup=followup, followup_reg=followup_reg,
+        path_y=path_y, path_known=path_known, prior_y=prior_y, prior_known=prior_known,
+        sex=_sex(pairs), age=_age(pairs)), reason
+
+
+def _load_images(pairs, reg_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(priors, follow-ups, follow-ups registered onto their priors or None), each (N, REF_RES, REF_RES)."""
     pri, fol, reg = [], [], []
     for p in tqdm(pairs, desc="load pairs" + (" + register" if reg_fn else ""), leave=False):
-        a, b = load(p.prior), load(p.followup)
+        a, b = load_row(p.prior, REF_RES), load_row(p.followup, REF_RES)
         pri.append(a)
         fol.append(b)
         if reg_fn is not None:
             reg.append(reg_fn(b, a).registered)  # register(moving=follow-up, fixed=prior)
-    yk = [label_targets(p.followup.labels, p.followup.source, ev.cfg) for p in pairs]
-    pk = [label_targets(p.prior.labels, p.prior.source, ev.cfg) for p in pairs]
-    sex = [p.followup.sex or p.prior.sex for p in pairs]
-    age = [p.followup.age if p.followup.age is not None else p.prior.age for p in pairs]
-    return PairData(
-        pair_ids=[p.pair_id for p in pairs], prior_ids=[p.prior.image_id for p in pairs],
-        groups=[patient_group(p.patient_id) for p in pairs], texts=[p.progression_text for p in pairs],
-        prior=np.stack(pri), followup=np.stack(fol), followup_reg=np.stack(reg) if reg else None,
-        path_y=np.stack([a for a, _ in yk]), path_known=np.stack([b for _, b in yk]),
-        prior_y=np.stack([a for a, _ in pk]), prior_known=np.stack([b for _, b in pk]),
-        sex=np.array([{"M": 1.0, "F": 0.0}.get(s, np.nan) for s in sex]),
-        age=np.array([np.nan if a is None else a for a in age], np.float64)), reason
+    return np.stack(pri), np.stack(fol), np.stack(reg) if reg else None
+
+
+def _label_targets(pairs, image: str, ev: Evaluators) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, known) of each pair's ``image`` ('prior' or 'followup'), (N, L) each."""
+    yk = [label_targets(getattr(p, image).labels, getattr(p, image).source, ev.cfg) for p in pairs]
+    return np.stack([y for y, _ in yk]), np.stack([k for _, k in yk])
+
+
+def _sex(pairs) -> np.ndarray:
+    """(N,) 1 male, 0 female, NaN unknown: the follow-up's, else the prior's."""
+    return np.array([{"M": 1.0, "F": 0.0}.get(p.followup.sex or p.prior.sex, np.nan) for p in pairs])
+
+
+def _age(pairs) -> np.ndarray:
+    """(N,) years at follow-up, else at the prior; NaN unknown."""
+    ages = [p.followup.age if p.followup.age is not None else p.prior.age for p in pairs]
+    return np.array([np.nan if a is None else a for a in ages], np.float64)
 
 
 def resize_stack(x: np.ndarray, res: int) -> np.ndarray:
@@ -212,11 +230,28 @@ def _load_pipe(path):
 
 
 # ------------------------------------------------------------------------- the battery
+NOTES = (
+    "CMIG = sqrt(PathAUC * sqrt(SexAUC * max(AgeR, 0))): the BiomedJourney paper's combination of pathology "
+    "AUC with race AUC and age correlation as reported in secondary sources, with sex AUC in place of race "
+    "(the dataset has no race); negative age r is clamped to 0. All components are reported.",
+    "copy_prior is a strong CMIG baseline: CMIG rewards keeping the patient, and labels often persist "
+    "from prior to follow-up, so path_auc is high without following the text. path_auc_changed (labels "
+    "that change between prior and follow-up) is the component that requires following the text: "
+    "copying the prior scores far below 0.5 there.",
+    "Pathology AUC uses the follow-up's labels; a label counts only for sources that report it "
+    "(e.g. COVID-19 is unknown, not negative, for nih) and only when both classes occur among the pairs.",
+    "Re-identification: cosine similarity of evaluator embeddings; negatives are the distinct priors of "
+    "other patients (same-person groups count as one patient).",
+    "SSIM/PSNR 'reg': the real follow-up is affinely registered onto the prior's frame (the frame generated "
+    "images are in), independently of any model.",
+    "Evaluators are small CNNs trained in this project on the train split; see evaluator_ceilings for "
+    "their own scores on real val images.",
+)
+
+
 def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None = None,
              evaluators: Evaluators | str | None = None) -> dict:
     """Measure every row and write results.json, results.md, results.png and samples.png into ``out``."""
-    from ..pipeline import default_model_path
-
     cfg, t_start = cfg or EvalConfig(), time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,95 +259,119 @@ def evaluate(model=None, data=None, out="outputs/eval", cfg: EvalConfig | None =
         raise FileNotFoundError(missing_data_reason(data))
     in_memory = isinstance(evaluators, Evaluators)
     ev = evaluators if in_memory else load_evaluators(evaluators)
+    pairs = _pairs_to_evaluate(data, cfg)
+    pd, reg_reason = load_pair_data(pairs, ev, cfg.register)
+    paths = _row_paths(model, cfg)
+    battery = _Battery(pd, Scorer(ev, pd), cfg)
+    rows = {**battery.reference_rows(), **battery.generated_rows(paths)}
+    results = {
+        "rows": {r: rows[r] for r in table.ROWS},
+        "row_order": list(table.ROWS),
+        "metrics": dict(table.METRICS),
+        "evaluator_ceilings": {} if in_memory else evaluator_metrics(evaluators),
+        "settings": _settings(cfg, paths, data, pd, ev, evaluators, reg_reason, t_start),
+        "notes": list(NOTES),
+    }
+    _write_results(results, battery.grid, out)
+    return results
+
+
+def _pairs_to_evaluate(data, cfg: EvalConfig) -> list:
     pairs = select_pairs(data, cfg.split, cfg.include_no_text, cfg.limit)
     if len(pairs) < 2:
         raise ValueError(f"Only {len(pairs)} pair(s) in split {cfg.split!r} of {data_root(data)} "
                          f"(text required: {not cfg.include_no_text}); need >= 2. Try --split all or --include-no-text.")
-    pd, reg_reason = load_pair_data(pairs, ev, cfg.register)
-    scorer = Scorer(ev, pd)
+    return pairs
+
+
+def _row_paths(model, cfg: EvalConfig) -> dict:
+    """Row -> model folder: 'full' is ``model`` (default: the shipped model) unless --row full= says
+    otherwise; then the --row folders, then the shipped baselines for rows not given."""
+    from ..pipeline import default_model_path
 
     model_path = Path(model) if model else default_model_path()
     paths = {"full": cfg.rows.get("full") or model_path, **{k: v for k, v in cfg.rows.items() if k != "full"}}
     for row in table.DEFAULT_ROW_PATHS if cfg.shipped_baselines else ():  # the shipped baseline models
         if row not in paths and (REPO_ROOT / table.EXPORTS[row]).is_dir():
             paths[row] = REPO_ROOT / table.EXPORTS[row]
-    rows: dict[str, dict] = {}
-    grid = [{"text": pd.texts[i], "prior": pd.prior[i], "real follow-up": pd.followup[i]}
-            for i in range(min(cfg.grid_pairs, len(pairs)))]
+    return paths
 
-    # reference rows: no model, one "replicate" (deterministic)
-    rows["real_followup"] = aggregate("real_followup", [scorer.score(pd.followup)], {
-        "source": "dataset follow-up images", "n_pairs": len(pairs)})
-    rows["copy_prior"] = aggregate("copy_prior", [scorer.score(pd.prior)], {
-        "source": "dataset prior images", "n_pairs": len(pairs)})
 
-    def run_model(row: str, path, text_only: bool, source: str) -> None:
+def _present(path) -> bool:
+    return path is not None and Path(path).is_dir()
+
+
+class _Battery:
+    """The rows of one run on shared pairs and scorer; each generated row adds its first replicate to
+    the sample grid."""
+
+    def __init__(self, pd: PairData, scorer: Scorer, cfg: EvalConfig):
+        self.pd, self.scorer, self.cfg = pd, scorer, cfg
+        self.grid = [{"text": pd.texts[i], "prior": pd.prior[i], "real follow-up": pd.followup[i]}
+                     for i in range(min(cfg.grid_pairs, len(pd.pair_ids)))]
+
+    def reference_rows(self) -> dict[str, dict]:
+        """The dataset's own follow-ups and priors: no model, one "replicate" (deterministic)."""
+        n = len(self.pd.pair_ids)
+        return {"real_followup": aggregate("real_followup", [self.scorer.score(self.pd.followup)], {
+                    "source": "dataset follow-up images", "n_pairs": n}),
+                "copy_prior": aggregate("copy_prior", [self.scorer.score(self.pd.prior)], {
+                    "source": "dataset prior images", "n_pairs": n})}
+
+    def generated_rows(self, paths: dict) -> dict[str, dict]:
+        """text_only, the ablations and full, each measured or 'not computed' with the reason."""
+        rows = {"text_only": self._text_only_row(paths)}
+        for row in ("single_stage", "no_registration"):
+            rows[row] = self._ablation_row(row, paths.get(row))
+        full = paths["full"]
+        rows["full"] = (self.model_row("full", full, False, f"model {full}") if _present(full)
+                        else table.not_computed("full", f"no model folder at {full}"))
+        return rows
+
+    def _text_only_row(self, paths: dict) -> dict:
+        """A stage-1 model when given, else the full model with the prior dropped."""
+        full, stage1 = paths["full"], paths.get("text_only")
+        if _present(stage1):
+            return self.model_row("text_only", stage1, True, f"stage-1 model {stage1} (prior=None)")
+        if _present(full):
+            return self.model_row("text_only", full, True, f"full model {full} with the prior dropped (prior=None)")
+        return table.not_computed("text_only", f"no model folder at {full} (nor --row text_only=PATH)")
+
+    def _ablation_row(self, row: str, path) -> dict:
+        if _present(path):
+            return self.model_row(row, path, False, f"model {path}")
+        return table.not_computed(row, f"no model folder at {path}" if path else
+                                  f"no --row {row}=PATH and nothing at {table.EXPORTS[row]}")
+
+    def model_row(self, row: str, path, text_only: bool, source: str) -> dict:
         pipe = _load_pipe(path)
-        imgs, secs = generate_row(pipe, pd, cfg, text_only, desc=row)      # (K, N, R, R)
-        per_rep = [scorer.score(imgs[k]) for k in range(len(imgs))]
-        rows[row] = aggregate(row, per_rep, {
-            "source": source, "model": str(path), "n_pairs": len(pairs), "seconds": round(secs, 1),
-            "seconds_per_image": secs / imgs.shape[0] / imgs.shape[1], "resolution": int(imgs.shape[-1])})
-        for i, s in enumerate(grid):
+        imgs, secs = generate_row(pipe, self.pd, self.cfg, text_only, desc=row)      # (K, N, R, R)
+        per_rep = [self.scorer.score(imgs[k]) for k in range(len(imgs))]
+        for i, s in enumerate(self.grid):
             s[row] = imgs[0, i]
+        return aggregate(row, per_rep, {
+            "source": source, "model": str(path), "n_pairs": len(self.pd.pair_ids), "seconds": round(secs, 1),
+            "seconds_per_image": secs / imgs.shape[0] / imgs.shape[1], "resolution": int(imgs.shape[-1])})
 
-    def present(p) -> bool:
-        return p is not None and Path(p).is_dir()
 
-    full = paths["full"]
-    # text_only: a stage-1 model when given, else the full model with the prior dropped
-    if present(paths.get("text_only")):
-        run_model("text_only", paths["text_only"], True, f"stage-1 model {paths['text_only']} (prior=None)")
-    elif present(full):
-        run_model("text_only", full, True, f"full model {full} with the prior dropped (prior=None)")
-    else:
-        rows["text_only"] = table.not_computed("text_only", f"no model folder at {full} (nor --row text_only=PATH)")
-    for row in ("single_stage", "no_registration"):
-        p = paths.get(row)
-        if present(p):
-            run_model(row, p, False, f"model {p}")
-        else:
-            rows[row] = table.not_computed(row, f"no model folder at {p}" if p else
-                                           f"no --row {row}=PATH and nothing at {table.EXPORTS[row]}")
-    if present(full):
-        run_model("full", full, False, f"model {full}")
-    else:
-        rows["full"] = table.not_computed("full", f"no model folder at {full}")
+def _settings(cfg: EvalConfig, paths: dict, data, pd: PairData, ev: Evaluators, evaluators, reg_reason: str,
+              t_start: float) -> dict:
+    in_memory = isinstance(evaluators, Evaluators)
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "rows"},
+            "rows": {k: str(v) for k, v in paths.items()}, "data": str(data_root(data)),
+            "n_pairs": len(pd.pair_ids), "n_patients": len(set(pd.groups)),
+            "evaluators": "in-memory" if in_memory else str(evaluators or "assets/evaluators"),
+            "evaluator_labels": list(ev.cfg.labels),
+            "registration": "follow-up registered onto the prior (biomedjourney/register.py, affine) " +
+                            ("" if pd.followup_reg is not None else f"- not computed: {reg_reason}"),
+            "seconds_total": round(time.time() - t_start, 1)}
 
-    results = {
-        "rows": {r: rows[r] for r in table.ROWS},
-        "row_order": list(table.ROWS),
-        "metrics": dict(table.METRICS),
-        "evaluator_ceilings": {} if in_memory else evaluator_metrics(evaluators),
-        "settings": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "rows"},
-                     "rows": {k: str(v) for k, v in paths.items()}, "data": str(data_root(data)),
-                     "n_pairs": len(pairs), "n_patients": len(set(pd.groups)),
-                     "evaluators": "in-memory" if in_memory else str(evaluators or "assets/evaluators"),
-                     "evaluator_labels": list(ev.cfg.labels),
-                     "registration": "follow-up registered onto the prior (biomedjourney/register.py, affine) " +
-                                     ("" if pd.followup_reg is not None else f"- not computed: {reg_reason}"),
-                     "seconds_total": round(time.time() - t_start, 1)},
-        "notes": [
-            "CMIG = sqrt(PathAUC * sqrt(SexAUC * max(AgeR, 0))): the BiomedJourney paper's combination of pathology "
-            "AUC with race AUC and age correlation as reported in secondary sources, with sex AUC in place of race "
-            "(the dataset has no race); negative age r is clamped to 0. All components are reported.",
-            "copy_prior is a strong CMIG baseline: CMIG rewards keeping the patient, and labels often persist "
-            "from prior to follow-up, so path_auc is high without following the text. path_auc_changed (labels "
-            "that change between prior and follow-up) is the component that requires following the text: "
-            "copying the prior scores far below 0.5 there.",
-            "Pathology AUC uses the follow-up's labels; a label counts only for sources that report it "
-            "(e.g. COVID-19 is unknown, not negative, for nih) and only when both classes occur among the pairs.",
-            "Re-identification: cosine similarity of evaluator embeddings; negatives are the distinct priors of "
-            "other patients (same-person groups count as one patient).",
-            "SSIM/PSNR 'reg': the real follow-up is affinely registered onto the prior's frame (the frame generated "
-            "images are in), independently of any model.",
-            "Evaluators are small CNNs trained in this project on the train split; see evaluator_ceilings for "
-            "their own scores on real val images.",
-        ],
-    }
+
+def _write_results(results: dict, grid: list[dict], out: Path) -> None:
+    """results.json, results.md, results.png and samples.png (the computed generated rows) in ``out``."""
     table.write_json(results, out / "results.json")
     table.write_markdown(results, out / "results.md")
     table.bar_chart(results, out / "results.png")
+    rows = results["rows"]
     cols = ["prior", "real follow-up"] + [r for r in table.GENERATED_ROWS if rows[r]["status"] == "computed"]
     table.sample_grid(grid, cols, out / "samples.png")
-    return results

@@ -104,42 +104,52 @@ def write_markdown(results: dict, path: Path) -> Path:
              f"(mean ± sample std over replicates). Total time {s['seconds_total']:.0f} s.", "",
              "| row | " + " | ".join(TABLE_COLUMNS) + " | s/image |",
              "|---|" + "---|" * (len(TABLE_COLUMNS) + 1)]
-    for name in results["row_order"]:
-        r = rows[name]
-        if r["status"] != "computed":
-            lines.append(f"| {name} | not computed: {r['reason']}: `{r['command']}` |"
-                         + " |" * len(TABLE_COLUMNS))
-            continue
-        cells = [fmt(r[m], 1 if m.startswith("psnr") else 3) for m in TABLE_COLUMNS]
-        spi = r.get("seconds_per_image")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {spi:.2f} |" if spi is not None
-                     else f"| {name} | " + " | ".join(cells) + " | – |")
-    lines += ["", "Rows:", ""]
-    for name in results["row_order"]:
-        r = rows[name]
-        src = f" Source: {r['source']}." if r.get("source") else ""
-        lines.append(f"- `{name}`: {r['description']}.{src}")
+    lines += [_table_line(name, rows[name]) for name in results["row_order"]]
+    lines += ["", "Rows:", ""] + [_row_line(name, rows[name]) for name in results["row_order"]]
     lines += ["", "Metrics:", ""] + [f"- `{k}`: {v}" for k, v in results["metrics"].items()]
-    per = {n: r["path_auc_per_label"] for n, r in rows.items() if r["status"] == "computed" and r["path_auc_per_label"]}
-    if per:
-        labels = sorted({lab for d in per.values() for lab in d})
-        lines += ["", "Pathology AUC per label (labels without both classes among the pairs are –):", "",
-                  "| row | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for n, d in per.items():
-            lines.append(f"| {n} | " + " | ".join(fmt(d.get(lab, {})) for lab in labels) + " |")
-    ce = results.get("evaluator_ceilings") or {}
-    v = ce.get("val", {})
-    if v:
-        lines += ["", "Evaluator ceilings (the evaluators' own scores on REAL val images, assets/evaluators/metrics.json):", "",
-                  f"- pathology macro AUC {v.get('path_auc', float('nan')):.3f} "
-                  f"(a source-only guess scores {ce.get('source_only_path_auc', {}).get('val', float('nan')):.3f}); "
-                  f"sex AUC {v.get('sex_auc', float('nan')):.3f}; age r {v.get('age_r', float('nan')):.3f} "
-                  f"(MAE {v.get('age_mae', float('nan')):.1f} y); re-id verification AUC "
-                  f"{v.get('verification_auc', float('nan')):.3f}"]
+    lines += _per_label_lines(rows) + _ceiling_lines(results.get("evaluator_ceilings") or {})
     lines += ["", "Notes:", ""] + [f"- {n}" for n in results.get("notes", [])]
     lines += ["", "Settings:", "", "```json", json.dumps(s, indent=2, default=str), "```", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def _table_line(name: str, r: dict) -> str:
+    """One row of the results table: its metrics and seconds per image, or why it was not computed."""
+    if r["status"] != "computed":
+        return f"| {name} | not computed: {r['reason']}: `{r['command']}` |" + " |" * len(TABLE_COLUMNS)
+    cells = [fmt(r[m], 1 if m.startswith("psnr") else 3) for m in TABLE_COLUMNS]
+    spi = r.get("seconds_per_image")
+    return f"| {name} | " + " | ".join(cells) + (f" | {spi:.2f} |" if spi is not None else " | – |")
+
+
+def _row_line(name: str, r: dict) -> str:
+    src = f" Source: {r['source']}." if r.get("source") else ""
+    return f"- `{name}`: {r['description']}.{src}"
+
+
+def _per_label_lines(rows: dict) -> list[str]:
+    """The per-label pathology AUC table of the computed rows that have one ([] when none has)."""
+    per = {n: r["path_auc_per_label"] for n, r in rows.items() if r["status"] == "computed" and r["path_auc_per_label"]}
+    if not per:
+        return []
+    labels = sorted({lab for d in per.values() for lab in d})
+    return (["", "Pathology AUC per label (labels without both classes among the pairs are –):", "",
+             "| row | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+            + [f"| {n} | " + " | ".join(fmt(d.get(lab, {})) for lab in labels) + " |" for n, d in per.items()])
+
+
+def _ceiling_lines(ce: dict) -> list[str]:
+    """The evaluators' own val scores on real images ([] when unknown)."""
+    v, nan = ce.get("val", {}), float("nan")
+    if not v:
+        return []
+    return ["", "Evaluator ceilings (the evaluators' own scores on REAL val images, assets/evaluators/metrics.json):", "",
+            f"- pathology macro AUC {v.get('path_auc', nan):.3f} "
+            f"(a source-only guess scores {ce.get('source_only_path_auc', {}).get('val', nan):.3f}); "
+            f"sex AUC {v.get('sex_auc', nan):.3f}; age r {v.get('age_r', nan):.3f} "
+            f"(MAE {v.get('age_mae', nan):.1f} y); re-id verification AUC "
+            f"{v.get('verification_auc', nan):.3f}"]
 
 
 def write_json(results: dict, path: Path) -> Path:

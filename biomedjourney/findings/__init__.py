@@ -4,6 +4,10 @@
   structured outputs validated with pydantic) read findings from text;
 * `render` writes the canonical description ("New moderate right basal pleural effusion.");
 * `extract_findings_any` picks a backend.
+
+`client` builds the one OpenAI client (the SDK's own retries and timeout) that both LLM paths use:
+`llm` here and `describe_llm`, the OpenAI backend of `biomedjourney.progression` (whose offline
+backend is `describe_rules`).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def extract_findings_any(text: str, backend: str = "rules", **kwargs) -> list[Fi
     if backend == "rules":
         return extract(text)
     if backend == "auto":
-        from ..progression import LLMConfig
+        from .client import LLMConfig
         if not (kwargs.get("config") or LLMConfig.from_env()).configured():
             return extract(text)
     return extract_llm(text, **kwargs)

@@ -3,27 +3,26 @@
 The request asks for JSON matching a strict JSON schema built from `Findings.model_json_schema()`
 (``response_format={"type": "json_schema", ...}``); the answer is validated with pydantic, and
 an invalid one is asked again (with the validation error, never with report text in the system
-prompt) up to ``attempts`` times before `FindingsError`. HTTP retries and timeouts are the
-openai SDK's own (``max_retries``, ``timeout`` from `LLMConfig`). The report goes into the user
-message only, marked as data; nothing in the answer is executed, only validated.
+prompt) up to ``attempts`` times before `FindingsError`. The client and the request are
+`findings.client`'s (the openai SDK's own retries and timeout, ``max_retries`` and ``timeout``
+from `LLMConfig`). The report goes into the user message only, marked as data; nothing in the
+answer is executed, only validated.
 
-Configuration is `biomedjourney.progression.LLMConfig.from_env()`: OPENAI_API_KEY,
-OPENAI_BASE_URL, BIOMEDJOURNEY_LLM_MODEL (default gpt-4).
+Configuration is `findings.client.LLMConfig.from_env()`: OPENAI_API_KEY, OPENAI_BASE_URL,
+BIOMEDJOURNEY_LLM_MODEL (default gpt-4).
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from . import FindingsError
+from .client import NOT_CONFIGURED, LLMConfig, complete, make_client
 from .rules import canonical
 from .schema import Finding, Findings
-
-if TYPE_CHECKING:
-    from ..progression import LLMConfig
 
 __all__ = ["extract_llm", "strict_schema", "make_client", "SYSTEM_PROMPT", "DEFAULT_ATTEMPTS"]
 
@@ -69,13 +68,6 @@ def user_message(text: str) -> str:
     return f"<report>\n{safe}\n</report>"
 
 
-def make_client(config: "LLMConfig", http_client=None):
-    """An `openai.OpenAI` client with the SDK's own retries and timeout from ``config``."""
-    import openai  # lazy: the rules path never pays for this import
-    return openai.OpenAI(api_key=config.api_key or "not-needed", base_url=config.base_url,
-                         max_retries=config.max_retries, timeout=config.timeout, http_client=http_client)
-
-
 def _validate(content: str | None) -> list[Finding]:
     """The answer's findings, canonical; raises ValueError (pydantic's ValidationError included)."""
     if not content or not content.strip():
@@ -88,20 +80,6 @@ def _describe_error(e: Exception) -> str:
         errs = e.errors()[:3]
         return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'answer'}: {err['msg']}" for err in errs)
     return str(e)
-
-
-def _ask(client, config: "LLMConfig", messages: list[dict]):
-    import openai
-    where = config.base_url or "api.openai.com"
-    try:
-        return client.chat.completions.create(model=config.model, temperature=config.temperature,
-                                              messages=messages, response_format=response_format())
-    except openai.APIStatusError as e:
-        raise FindingsError(f"OpenAI request to {where} failed with HTTP {e.status_code}: {e.message}; "
-                            f"check the model name '{config.model}' and your key") from e
-    except openai.APIConnectionError as e:  # includes timeouts, after the SDK's retries
-        raise FindingsError(f"OpenAI request to {where} failed ({type(e).__name__}) after "
-                            f"{config.max_retries} retries") from e
 
 
 def _answer(resp) -> list[Finding]:
@@ -129,18 +107,16 @@ def extract_llm(text: str, *, config: "LLMConfig | None" = None, client=None, ht
     ``http_client`` (an httpx client for the SDK, e.g. with a mock transport) are for tests
     and proxies. Raises `FindingsError` when unconfigured, on HTTP failure, or when
     ``attempts`` answers in a row are not valid findings JSON."""
-    from ..progression import LLMConfig  # lazy: progression imports this package
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty: give a report or a description")
     config = config or LLMConfig.from_env()
     if client is None and http_client is None and not config.configured():
-        raise FindingsError("OpenAI backend is not configured: set OPENAI_API_KEY (and optionally "
-                            "OPENAI_BASE_URL, BIOMEDJOURNEY_LLM_MODEL), or use backend='rules'")
+        raise FindingsError(NOT_CONFIGURED)
     client = client or make_client(config, http_client)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_message(text)}]
     problems: list[str] = []
     for attempt in range(max(1, attempts)):
-        resp = _ask(client, config, messages)
+        resp, _ = complete(client, config, FindingsError, messages, response_format=response_format())
         try:
             return _answer(resp)
         except ValueError as e:

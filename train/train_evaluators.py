@@ -1,32 +1,41 @@
 """Train the evaluator CNN (pathology, sex, age, re-identification) on the TRAIN split.
 
-    python -m biomedjourney.evaluate.train_evaluators [--data DIR] [--out assets/evaluators]
+    python train/train_evaluators.py [--data DIR] [--out assets/evaluators]
         [--steps 900] [--max-minutes 12] [--seed 0] [--threads 1]
 
 Deterministic for a seed and thread count (CPU). Only patients with split_of(id) == 'train'
 train; the VAL split gives the evaluators' own scores on real images (their ceilings), written
 to OUT/metrics.json. Licence note: the ieee8023 training rows include CC BY-NC(-SA/-ND) and
 unlicensed images; these weights are evaluation tools only, never part of the shipped generator.
+The evaluators themselves (network, loading, scoring) are ``biomedjourney.evaluate.evaluators``.
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..dataset import data_root, has_data, load_images, load_pairs, missing_data_reason, patient_group, require_data
-from .run import load_row
-from .evaluators import (ASSETS_EVALUATORS, EvaluatorConfig, Evaluators, label_targets, observed_labels,
-                         save_evaluators, standardise)
-from .metrics import macro_auc, pearson_r, reid_auc, roc_auc, verification_auc
+from biomedjourney.dataset import (data_root, has_data, load_images, load_pairs, missing_data_reason, patient_group,
+                                   require_data)
+from biomedjourney.evaluate.evaluators import (ASSETS_EVALUATORS, EvaluatorConfig, Evaluators, label_targets,
+                                               observed_labels, save_evaluators, standardise, to_resolution)
+from biomedjourney.evaluate.metrics import macro_auc, pearson_r, reid_auc, roc_auc, verification_auc
+from biomedjourney.imaging import load_model_input
+
+FRAME = 256  # px: the dataset's (and the generator's) frame; the evaluators resize it to their resolution
 
 
 @dataclass
@@ -55,10 +64,11 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------- data
 def load_arrays(rows, resolution: int) -> torch.Tensor:
-    """ImageRows -> (N, 1, R, R) float32 in [0, 1] (dataset framing, then antialiased resize)."""
-    imgs = [load_row(r, 256) for r in tqdm(rows, desc="load images", leave=False)]
-    x = torch.from_numpy(np.stack(imgs))[:, None]                          # (N, 1, 256, 256)
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    """ImageRows -> (N, 1, R, R) float32 in [0, 1]: ``imaging.load_model_input`` at the 256 px frame
+    (what the generator outputs and the battery scores), then the evaluators' own resize
+    (``evaluators.to_resolution``, as ``Evaluators.preprocess`` does when scoring)."""
+    imgs = [load_model_input(r.path, FRAME) for r in tqdm(rows, desc="load images", leave=False)]
+    return to_resolution(torch.from_numpy(np.stack(imgs))[:, None], resolution)   # (N, 1, R, R)
 
 
 def targets(rows, cfg: EvaluatorConfig) -> dict[str, torch.Tensor]:
@@ -144,11 +154,8 @@ def source_only_auc(train_rows, rows, cfg: EvaluatorConfig) -> float:
 
 
 # ------------------------------------------------------------------------- training
-def train(data=None, out=ASSETS_EVALUATORS, tc: TrainConfig | None = None,
-          cfg: EvaluatorConfig | None = None) -> dict:
-    tc, t0 = tc or TrainConfig(), time.time()
-    torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
+def split_rows(data=None) -> tuple[list, list, list]:
+    """(train ImageRows, val ImageRows, val PairRows) of a dataset folder; errors when it is absent or too small."""
     if not has_data(data):
         raise FileNotFoundError(missing_data_reason(data))
     images = load_images(data)
@@ -157,21 +164,43 @@ def train(data=None, out=ASSETS_EVALUATORS, tc: TrainConfig | None = None,
     va_rows = [r for r in images.values() if r.split == "val"]
     if len(tr_rows) < 16:
         raise ValueError(f"Only {len(tr_rows)} train-split images in {data_root(data)}; need >= 16 to train evaluators")
-    cfg = cfg or EvaluatorConfig()
-    cfg = dataclasses.replace(cfg, observed=observed_labels(tr_rows))
-    model = Evaluators(cfg)
+    return tr_rows, va_rows, [p for p in pairs if p.split == "val"]
 
-    x_tr = load_arrays(tr_rows, cfg.resolution)                            # (N, 1, R, R)
-    t_tr = targets(tr_rows, cfg)
-    grp_names = [patient_group(r.patient_id) for r in tr_rows]
-    gid = {g: i for i, g in enumerate(dict.fromkeys(grp_names))}
-    groups = torch.tensor([gid[g] for g in grp_names])
+
+def patient_groups(rows) -> tuple[torch.Tensor, list[list[int]]]:
+    """Per row the id of its same-person group, and the row indices of every group with >= 2 images."""
+    names = [patient_group(r.patient_id) for r in rows]
+    gid = {g: i for i, g in enumerate(dict.fromkeys(names))}
+    groups = torch.tensor([gid[g] for g in names])
     by_group: dict[int, list[int]] = {}
     for i, g in enumerate(groups.tolist()):
         by_group.setdefault(g, []).append(i)
-    multi = [v for v in by_group.values() if len(v) >= 2]
+    return groups, [v for v in by_group.values() if len(v) >= 2]
 
+
+def batch_losses(model: Evaluators, x: torch.Tensor, t: dict, groups: torch.Tensor, tc: TrainConfig) -> dict:
+    """The four head losses on a standardised batch x with targets t (rows already indexed): unknown
+    pathology labels, sexes and ages are masked out."""
+    o = model(x)
+    yk = t["path_known"].float()
+    bce = F.binary_cross_entropy_with_logits(o["pathology"], t["path"], reduction="none")  # (B, L)
+    sex, age = t["sex"], t["age"]
+    ms, ma = ~torch.isnan(sex), ~torch.isnan(age)
+    return {
+        "path": (bce * yk).sum() / yk.sum().clamp_min(1),
+        "sex": F.binary_cross_entropy_with_logits(o["sex"][ms], sex[ms]) if ms.any() else o["sex"].sum() * 0,
+        "age": (F.smooth_l1_loss(o["age"][ma], age[ma] / model.cfg.age_scale, beta=0.05) if ma.any()
+                else o["age"].sum() * 0),
+        "emb": supcon_loss(o["embedding"], groups, tc.temperature),
+    }
+
+
+def fit(model: Evaluators, x_tr: torch.Tensor, t_tr: dict, groups: torch.Tensor, multi: list[list[int]],
+        tc: TrainConfig, t0: float) -> int:
+    """AdamW with linear warm-up and cosine decay over tc.steps; stops early after tc.max_minutes
+    (counted from t0). Returns the number of steps done; the model is left in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
     def lr_factor(s: int) -> float:  # linear warm-up, cosine decay to 0 at tc.steps
         return min(1.0, (s + 1) / tc.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, tc.steps) / tc.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
@@ -180,33 +209,47 @@ def train(data=None, out=ASSETS_EVALUATORS, tc: TrainConfig | None = None,
     bar = tqdm(range(tc.steps), desc="train evaluators")
     done = 0
     for step in bar:
-        idx = torch.from_numpy(sample_batch(multi, len(tr_rows), tc, rng))
+        idx = torch.from_numpy(sample_batch(multi, len(x_tr), tc, rng))
         x = standardise(augment(x_tr[idx], tc, g))                        # (B, 1, R, R)
-        o = model(x)
-        yk = t_tr["path_known"][idx].float()
-        bce = F.binary_cross_entropy_with_logits(o["pathology"], t_tr["path"][idx], reduction="none")  # (B, L)
-        l_path = (bce * yk).sum() / yk.sum().clamp_min(1)                # unknown labels masked out
-        sex, age = t_tr["sex"][idx], t_tr["age"][idx]
-        ms, ma = ~torch.isnan(sex), ~torch.isnan(age)
-        l_sex = F.binary_cross_entropy_with_logits(o["sex"][ms], sex[ms]) if ms.any() else o["sex"].sum() * 0
-        l_age = F.smooth_l1_loss(o["age"][ma], age[ma] / cfg.age_scale, beta=0.05) if ma.any() else o["age"].sum() * 0
-        l_emb = supcon_loss(o["embedding"], groups[idx], tc.temperature)
-        loss = tc.w_pathology * l_path + tc.w_sex * l_sex + tc.w_age * l_age + tc.w_embed * l_emb
+        parts = batch_losses(model, x, {k: v[idx] for k, v in t_tr.items()}, groups[idx], tc)
+        loss = (tc.w_pathology * parts["path"] + tc.w_sex * parts["sex"] + tc.w_age * parts["age"]
+                + tc.w_embed * parts["emb"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         done = step + 1
         if step % 10 == 0:
-            bar.set_postfix(path=f"{l_path.item():.3f}", sex=f"{l_sex.item():.3f}", age=f"{l_age.item():.3f}",
-                            emb=f"{l_emb.item():.3f}")
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
         if tc.max_minutes and time.time() - t0 > tc.max_minutes * 60:
             tqdm.write(f"stopping at step {done}/{tc.steps}: --max-minutes {tc.max_minutes} reached")
             break
     model.eval()
+    return done
+
+
+def _summary(out, metrics: dict, seconds: float) -> str:
+    v = metrics["val"]
+    return (f"saved {out} after {metrics['training']['steps_done']} steps in {seconds / 60:.1f} min | val: path AUC "
+            f"{v['path_auc']:.3f} (source-only {metrics['source_only_path_auc']['val']:.3f}), sex AUC "
+            f"{v['sex_auc']:.3f}, age r {v['age_r']:.3f} (MAE {v['age_mae']:.1f} y), re-id verification AUC "
+            f"{v['verification_auc']:.3f}, follow-up->prior re-id AUC "
+            f"{v.get('reid_auc_followup_vs_prior', float('nan')):.3f}")
+
+
+def train(data=None, out=ASSETS_EVALUATORS, tc: TrainConfig | None = None,
+          cfg: EvaluatorConfig | None = None) -> dict:
+    tc, t0 = tc or TrainConfig(), time.time()
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    tr_rows, va_rows, va_pairs = split_rows(data)
+    cfg = dataclasses.replace(cfg or EvaluatorConfig(), observed=observed_labels(tr_rows))
+    model = Evaluators(cfg)
+    x_tr = load_arrays(tr_rows, cfg.resolution)                            # (N, 1, R, R)
+    groups, multi = patient_groups(tr_rows)
+    done = fit(model, x_tr, targets(tr_rows, cfg), groups, multi, tc, t0)
     train_s = time.time() - t0
 
-    va_pairs = [p for p in pairs if p.split == "val"]
     x_va = load_arrays(va_rows, cfg.resolution)
     metrics = {
         "note": ("Evaluator scores on REAL images: the ceilings the generated images are measured against. "
@@ -222,11 +265,7 @@ def train(data=None, out=ASSETS_EVALUATORS, tc: TrainConfig | None = None,
                      "licence": "includes NC/unlicensed ieee8023 rows: evaluation-only weights, not redistributed as a generator"},
     }
     save_evaluators(model, out, metrics)
-    v = metrics["val"]
-    print(f"saved {out} after {done} steps in {train_s / 60:.1f} min | val: path AUC {v['path_auc']:.3f} "
-          f"(source-only {metrics['source_only_path_auc']['val']:.3f}), sex AUC {v['sex_auc']:.3f}, "
-          f"age r {v['age_r']:.3f} (MAE {v['age_mae']:.1f} y), re-id verification AUC {v['verification_auc']:.3f}, "
-          f"follow-up->prior re-id AUC {v.get('reid_auc_followup_vs_prior', float('nan')):.3f}")
+    print(_summary(out, metrics, train_s))
     return metrics
 
 
