@@ -266,15 +266,15 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         only this region may change (blended latent diffusion; the prior is kept outside). `init_image`
         ((R, R), or (B, R, R): one per image): the trajectory starts from this picture noised to `strength` instead
         of the prior (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al.
-        2022, arXiv:2108.01073); change transfer then takes the start picture itself as the reference
-        (start + sample - decode(encode(start))), so no NO_CHANGE trajectory is drawn."""
+        2022, arXiv:2108.01073); the NO_CHANGE reference still starts from the prior (same noise), and change
+        transfer adds the start picture's fine detail in place of the prior's (`_residuals`)."""
         r = self._resolve(prior is None, dict(num_images=num_images, num_inference_steps=num_inference_steps,
                                               guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                                               scheduler=scheduler, strength=strength, negative_prompt=negative_prompt,
                                               change_transfer=change_transfer, seed=seed))
         if r.text_only:
             mask_image, init_image = None, None  # nothing to keep or to start from
-        r = replace(r, from_start=init_image is not None and r.transfer)  # the reference: the start picture (step 5)
+        r = replace(r, from_start=init_image is not None and r.transfer)  # the start's detail, not the prior's (step 5)
         self.check_inputs(prompt, r.n, r.steps, r.g_text, r.g_img, r.scheduler, r.strength, r.negative_prompt,
                           mask_image, init_image, output_type)
         settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
@@ -305,13 +305,15 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                     prior_lat=prior_lat, latent_mask=latent_mask, generator=generator)
         latents = self._denoise(latents, step, r, callback_on_step_end,
                                 callback_on_step_end_tensor_inputs or self._callback_tensor_inputs)
-        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE), or from a start picture:
-        #    start + sample - decode(encode(start)); keep mask: the prior outside
+        # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE) (from a start picture, with its
+        #    detail in place of the prior's); keep mask: the prior outside
         if output_type == "latent":
             return self._output(list(latents[:r.n]), prior_img, r.seeds, settings, mask_image, output_type, return_dict)
         images = self.decode_latents(latents)
         if r.from_start:
-            images = _from_start(images, self.decode_latents(start_lat[:r.n]), init_image, prior_img, mask_image)
+            residual = _residuals(init_image, self.decode_latents(start_lat[:r.n]), prior_img,
+                                  self.decode_latents(prior_lat[:1])[0])
+            images = _compose(images, prior_img, mask_image, r, residual)
         else:
             images = _compose(images, prior_img, mask_image, r)
         return self._output(images, prior_img, r.seeds, settings, mask_image, output_type, return_dict)
@@ -366,7 +368,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             return prior_lat, prior_lat
         x = torch.from_numpy(init_image.astype(np.float32)).reshape(-1, 1, *init_image.shape[-2:])  # one, or one per image
         zi = self.encode_images(x).expand(r.n, -1, -1, -1)                                     # (B, C, h, w)
-        return prior_lat, torch.cat([zi] + [prior_lat[r.n:]] * (r.k - 1))                     # the reference: the prior
+        return prior_lat, torch.cat([zi] + [prior_lat[r.n:]] * (r.k - 1))      # the NO_CHANGE reference: the prior
 
     def _guided_eps(self, sched, latents, t, image_cond, emb, emb_mask, r: "_Settings") -> torch.Tensor:
         x = sched.scale_model_input(torch.cat([latents] * r.branches), t)                     # (branches*kB, C, h, w)
@@ -449,11 +451,11 @@ class _Settings:
     transfer: bool
     seed: int
     text_only: bool
-    from_start: bool = False   # change transfer against the start picture (init_image), not a NO_CHANGE sample
+    from_start: bool = False   # change transfer from a start picture (init_image): its fine detail, not the prior's
 
     @property
     def k(self) -> int:  # trajectories: [prompt] or [prompt, NO_CHANGE]
-        return 2 if self.transfer and not self.from_start else 1
+        return 2 if self.transfer else 1
 
     @property
     def branches(self) -> int:  # guidance branches: [text+prior, prior only, neither] (text-only: [text, neither])
@@ -468,7 +470,7 @@ class _Settings:
                 "image_guidance_scale": self.g_img, "scheduler": self.scheduler, "strength": self.strength,
                 "negative_prompt": self.negative_prompt, "change_transfer": self.transfer, "seed": self.seed,
                 "seeds": self.seeds, "text_only": self.text_only,
-                "transfer_reference": ("start picture" if self.from_start else "no-change sample") if self.transfer else None}
+                "transfer_detail": ("start picture" if self.from_start else "prior") if self.transfer else None}
 
 
 def _generators(generator, r: _Settings) -> list[torch.Generator]:
@@ -478,26 +480,27 @@ def _generators(generator, r: _Settings) -> list[torch.Generator]:
     return [generator] * r.n if isinstance(generator, torch.Generator) else list(generator)
 
 
-def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings) -> list[np.ndarray]:
-    """Change transfer: prior + sample(prompt) - sample(NO_CHANGE); a mask keeps the prior outside it."""
+def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings,
+             residual: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Change transfer: prior + sample(prompt) - sample(NO_CHANGE) (+ `residual`: a start picture's detail in place of
+    the prior's); a mask keeps the prior outside it."""
     n = r.n
-    if r.transfer and mask_image is None:
-        return [np.clip(prior_img + a - b, 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
     if r.transfer:
-        return [np.clip(prior_img + _masked(a - b, mask_image), 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
+        extra = residual if residual is not None else [0.0] * n
+        m = 1.0 if mask_image is None else mask_image.astype(np.float32)
+        return [np.clip(prior_img + m * (a - b + e), 0.0, 1.0) for a, b, e in zip(images[:n], images[n:], extra)]
     if mask_image is not None:
         return [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
     return images
 
 
-def _from_start(images: list[np.ndarray], start_recon: list[np.ndarray], init_image: np.ndarray, prior_img,
-                mask_image) -> list[np.ndarray]:
-    """Change transfer from a start picture: start + (sample - decode(encode(start))). The autoencoder's loss of
-    fine detail cancels as it does against a NO_CHANGE sample, but the detail kept is the START's (e.g. a rendered
-    effusion's damped lung markings), not the prior's, and no second trajectory is needed."""
-    starts = np.broadcast_to(init_image.astype(np.float32), (len(images), *images[0].shape))
-    m = 1.0 if mask_image is None else mask_image.astype(np.float32)
-    return [np.clip(prior_img + m * (s - prior_img + a - b), 0.0, 1.0) for a, b, s in zip(images, start_recon, starts)]
+def _residuals(init_image: np.ndarray, start_recon: list[np.ndarray], prior_img: np.ndarray,
+               prior_recon: np.ndarray) -> list[np.ndarray]:
+    """Per image: (start - decode(encode(start))) - (prior - decode(encode(prior))), the start picture's fine detail
+    that the autoencoder drops, in place of the prior's. Change transfer adds back the prior's detail everywhere,
+    which inside a drawn effusion would bring back the ribs and vessels the drawing had faded."""
+    starts = np.broadcast_to(init_image.astype(np.float32), (len(start_recon), *prior_img.shape))
+    return [(s - b) - (prior_img - prior_recon) for s, b in zip(starts, start_recon)]
 
 
 def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.Tensor,

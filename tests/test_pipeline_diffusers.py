@@ -139,29 +139,36 @@ def test_soft_mask_scales_the_change_at_its_border(pipe, prior):
 
 
 def test_init_image_starts_the_described_trajectory_from_that_picture(pipe, prior, box, monkeypatch):
-    """SDEdit from a rendering: the trajectory starts from the noised init image and change transfer takes the start
-    picture as its reference: out = prior + mask * (init - prior + sample - decode(encode(init))), one trajectory."""
+    """SDEdit from a rendering: the description's trajectory starts from the noised init image, the NO_CHANGE
+    reference from the noised prior (same noise); change transfer then carries the rendering's own fine detail:
+    out = prior + mask * (a - b + (init - D(E(init))) - (prior - D(E(prior))))."""
     rendered = prior.copy()
     rendered[box == 1] = np.clip(rendered[box == 1] + 0.5, 0, 1)
     kw = dict(num_images=2, seed=0, num_inference_steps=10, strength=0.3, mask_image=box, change_transfer=True)
-    rec = _Recorder(pipe.unet)
-    monkeypatch.setattr(pipe.unet, "forward", rec)
-    out = pipe(prior, TEXT, init_image=rendered, **kw)
-    first = rec.calls[0][0][:, :4]                                            # (3B, C, h, w) noisy latents
-    assert first.shape[0] == 3 * 2                                            # no NO_CHANGE reference trajectory
-    assert out.settings["transfer_reference"] == "start picture"
-    assert np.abs(out.images[0] - prior)[box == 0].max() == 0
-    z_init = pipe.encode_images(torch.from_numpy(rendered)[None, None])
+    firsts = []
+    for init in (None, rendered):
+        rec = _Recorder(pipe.unet)
+        monkeypatch.setattr(pipe.unet, "forward", rec)
+        out = pipe(prior, TEXT, init_image=init, **kw)
+        firsts.append(rec.calls[0][0][:, :4])                                 # (3kB, C, h, w) noisy latents
+        assert np.abs(out.images[0] - prior)[box == 0].max() == 0
+    assert out.settings["transfer_detail"] == "start picture"
+    (a, b), n = firsts, 2
+    assert (a[:n] - b[:n]).abs().max() > 1e-2                                 # the description's rows moved
+    torch.testing.assert_close(a[n:2 * n], b[n:2 * n])                        # the reference rows did not
+    z_prior, z_init = (pipe.encode_images(torch.from_numpy(x)[None, None]) for x in (prior, rendered))
     sched = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     sched.set_timesteps(10)
     t0 = sched.timesteps[7:8]
     noise = torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(0))[None]
     expect = sched.scale_model_input(sched.add_noise(z_init, noise, t0), t0[0])
-    torch.testing.assert_close(first[:1], expect, atol=1e-5, rtol=1e-5)      # starts from the noised rendering
-    lat = pipe(prior, TEXT, init_image=rendered, output_type="latent", **kw).images
-    sample = pipe.decode_latents(torch.stack(lat))
-    recon = pipe.decode_latents(z_init)[0]
-    for im, a in zip(out.images, sample):
-        np.testing.assert_allclose(im, np.clip(prior + box * (rendered - prior + a - recon), 0, 1), atol=1e-5)
+    torch.testing.assert_close(b[:1], expect, atol=1e-5, rtol=1e-5)
+    lat = torch.stack(pipe(prior, TEXT, init_image=rendered, output_type="latent", **kw).images)   # (B, C, h, w)
+    text_kw = {**kw, "change_transfer": False}
+    ref = torch.stack(pipe(prior, NO_CHANGE, output_type="latent", **text_kw).images)      # from the prior
+    rec_init, rec_prior = pipe.decode_latents(z_init)[0], pipe.decode_latents(z_prior)[0]
+    detail = (rendered - rec_init) - (prior - rec_prior)
+    for im, x, y in zip(out.images, pipe.decode_latents(lat), pipe.decode_latents(ref)):
+        np.testing.assert_allclose(im, np.clip(prior + box * (x - y + detail), 0, 1), atol=2e-4)
     same = pipe(prior, NO_CHANGE, init_image=rendered, **kw)
     assert not np.allclose(same.images[0], prior)   # a rendering is a change even under the no-change text

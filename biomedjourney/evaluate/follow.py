@@ -53,6 +53,8 @@ DESCRIPTIONS = {
     "New right upper lobe consolidation.": Target("Opacity (any)", "right", "upper"),  # consolidation is an opacity
     "New left lower lobe consolidation.": Target("Opacity (any)", "left", "lower"),
     "New right lower lobe atelectasis.": Target("Atelectasis", "right", "lower"),
+    "New right lower lobe pneumonia.": Target("Pneumonia", "right", "lower"),
+    "New bilateral infiltrates.": Target("Infiltration"),
     "New cardiomegaly.": Target("Cardiomegaly"),
     "New right pneumothorax.": Target("Pneumothorax", "right"),
     "New left pneumothorax.": Target("Pneumothorax", "left"),
