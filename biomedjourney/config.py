@@ -48,12 +48,28 @@ class ModelConfig:
     beta_end: float = 0.012
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "model") -> "ModelConfig":
+    def from_dict(cls, d: dict | str, where: str = "model") -> "ModelConfig":
+        """A config from its dict, or from a preset's name (MODEL_PRESETS: 'tiny')."""
+        if isinstance(d, str):
+            if d not in MODEL_PRESETS:
+                raise ValueError(f"{where}: unknown model preset {d!r}; presets: {sorted(MODEL_PRESETS)}")
+            d = MODEL_PRESETS[d]
         d = dict(d)
         vae = build(VAEConfig, _tuples(d.pop("vae", {})), f"{where}.vae")
         unet = build(UNetConfig, _tuples(d.pop("unet", {})), f"{where}.unet")
         return build(cls, {**d, "vae": vae, "unet": unet}, where)
 
+
+# Named architectures a config may give instead of a `model:` block. 'tiny': the tests' model (64 px, 4 latent
+# channels), the same code paths in seconds on a CPU (train/configs/tiny.yaml and pipeline.tiny_pipeline use it).
+MODEL_PRESETS = {
+    "tiny": {"resolution": 64, "text_encoder": "tiny",
+             "vae": {"latent_channels": 4, "block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4},
+             "unet": {"block_out_channels": [16, 32], "layers_per_block": 1,
+                      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                      "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 16,
+                      "attention_head_dim": 8, "norm_num_groups": 8}},
+}
 
 NO_CHANGE = "No significant interval change."  # the description of a follow-up that did not change
 

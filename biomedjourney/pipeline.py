@@ -541,14 +541,8 @@ def _copy_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def tiny_model_config() -> ModelConfig:
-    """The tiny architecture used by tests (64 px, 4 latent channels): same code paths, seconds on CPU."""
-    from .config import UNetConfig, VAEConfig
-    return ModelConfig(
-        resolution=64, text_encoder="tiny",
-        vae=VAEConfig(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4),
-        unet=UNetConfig(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                        attention_head_dim=8, norm_num_groups=8))
+    """The tiny architecture used by tests (config.MODEL_PRESETS['tiny']): same code paths, seconds on CPU."""
+    return ModelConfig.from_dict("tiny")
 
 
 def assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: TextEncoder, cfg: ModelConfig,

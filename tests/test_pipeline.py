@@ -223,3 +223,14 @@ def test_sampler_overrides_from_the_command_line():
         d.with_overrides(["strenght=0.6"])
     with pytest.raises(ValueError, match="change_transfer must be true or false, got 'yes please'"):
         d.with_overrides(["change_transfer=yes please"])
+
+
+def test_tiny_model_is_defined_once():
+    """The tests' architecture is one preset: the training config names it, the pipeline builds it."""
+    import pytest
+    from biomedjourney.config import ModelConfig
+    from biomedjourney.pipeline import tiny_model_config
+    from train.config import load_config
+    assert load_config("tiny").model == tiny_model_config() == ModelConfig.from_dict("tiny")
+    with pytest.raises(ValueError, match="unknown model preset 'tinyy'"):
+        ModelConfig.from_dict("tinyy")
