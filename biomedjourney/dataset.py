@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,24 @@ class PairRow:
         return split_of(self.patient_id)
 
 
+NO_FINDING = "No Finding"     # a label of its own (NIH), not a finding that appears or resolves
+NO_LABELS = "(no labels)"     # the finding an image without any label is counted under
+
+
+def parse_labels(cell: str | None) -> list[str]:
+    """A labels cell ('|'-separated: images.csv, the manifests, the generic CSV) -> its list of labels."""
+    return [x for x in (cell or "").split("|") if x]
+
+
+def finding_counts(label_lists: Iterable[list[str]], unlabelled: str | None = NO_LABELS) -> dict[str, int]:
+    """How many items carry each finding, most frequent first: an item with several findings counts once
+    for each; an item with none counts under ``unlabelled`` (None: not at all)."""
+    c = Counter()
+    for labels in label_lists:
+        c.update(set(labels) or ([unlabelled] if unlabelled else []))
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -141,7 +161,7 @@ def load_images(root: str | os.PathLike | None = None) -> dict[str, ImageRow]:
             image_id=r["image_id"], path=root / r["file"], source=r.get("source", ""),
             patient_id=r["patient_id"], study_order=r.get("study_order", ""), view=r.get("view", ""),
             sex=r.get("sex", "").strip(), age=float(age) if age else None,
-            labels=[x for x in r.get("labels", "").split("|") if x], text=r.get("text", "").strip(),
+            labels=parse_labels(r.get("labels")), text=r.get("text", "").strip(),
             license=r.get("license", ""))
     return out
 
@@ -170,6 +190,6 @@ def caption_for(row: ImageRow) -> str:
     if row.age is not None:
         who.append(f"{int(row.age)}-year-old")
     who.append({"M": "male", "F": "female"}.get(row.sex, "patient"))
-    labels = [l.replace("_", " ") for l in row.labels if l != "No Finding"]
+    labels = [l.replace("_", " ") for l in row.labels if l != NO_FINDING]
     findings = f"Findings: {', '.join(labels)}." if labels else "No finding."
     return f"{row.view or 'Frontal'} chest radiograph, {' '.join(who)}. {findings}"

@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 
-from .dataset import ImageRow, PairRow, load_images, load_pairs, split_of
+from .dataset import ImageRow, PairRow, load_images, load_pairs, parse_labels, split_of
 
 MIMIC_LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"
 MIMIC_SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
@@ -203,7 +203,7 @@ def generic_image(r: dict, folder: Path) -> tuple[ImageRow, float | None, float 
     order, age, days = _number(r, "order"), _number(r, "age"), _number(r, "days")
     row = ImageRow(image_id=_cell(r, "image_id") or img.stem, path=img, source=(r.get("source") or "csv").strip(),
                    patient_id=r["patient_id"].strip(), study_order=r["order"].strip(), view=_cell(r, "view"),
-                   sex=_cell(r, "sex"), age=age, labels=[x for x in (r.get("labels") or "").split("|") if x],
+                   sex=_cell(r, "sex"), age=age, labels=parse_labels(r.get("labels")),
                    text=_cell(r, "text"), license=_cell(r, "license"))
     return row, order, days, _cell(r, "progression_text")
 

@@ -38,6 +38,33 @@ def rg1_path():
 
 
 @pytest.fixture(scope="module")
+def tiny_prep(tmp_path_factory):
+    """stage1.csv / stage2.csv over 8 training and 2 validation pairs of the shared dataset (+ a tiny vae/);
+    tests using it skip without the dataset."""
+    from biomedjourney import dataset
+    from biomedjourney.pipeline import tiny_pipeline
+    from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, write_manifest
+    out = tmp_path_factory.mktemp("prep")
+    pairs = [p for p in dataset.load_pairs() if p.progression_text and dataset.licence_ok_for_weights(p.prior.license)]
+    train = [p for p in pairs if p.split == "train"][:8]
+    val = [p for p in pairs if p.split == "val"][:2]
+    s1, s2 = [], []
+    for p in train + val:
+        for im in (p.prior, p.followup):
+            s1.append(dict(image_id=im.image_id, image=str(im.path), patient_id=im.patient_id, split=p.split,
+                           text=dataset.caption_for(im), labels="|".join(im.labels), sex=im.sex, age=im.age or "",
+                           view=im.view, license=im.license, source=im.source))
+        s2.append(dict(pair_id=p.pair_id, patient_id=p.patient_id, split=p.split, prior=str(p.prior.path),
+                       prior_original=str(p.prior.path), followup=str(p.followup.path), text=p.progression_text,
+                       text_origin=p.text_origin, reg_score=1.0, kept=True, prior_labels="|".join(p.prior.labels),
+                       followup_labels="|".join(p.followup.labels), days_between=p.days_between, license=p.prior.license))
+    write_manifest(s1, out / "stage1.csv", STAGE1_COLUMNS)
+    write_manifest(s2, out / "stage2.csv", STAGE2_COLUMNS)
+    tiny_pipeline().vae.save_pretrained(out / "vae")
+    return out
+
+
+@pytest.fixture(scope="module")
 def app_module(tiny_model_dir, tmp_path_factory):
     """app.py pointed at the tiny model ($BIOMEDJOURNEY_MODEL, only while the module's tests run)
     with its per-session output folders in a temp dir (read once, at the first import).

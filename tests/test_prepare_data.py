@@ -15,7 +15,7 @@ from PIL import Image
 from biomedjourney.dataset import has_data, licence_ok_for_weights, missing_data_reason, split_of
 from train.manifest import (STAGE1_COLUMNS, STAGE2_COLUMNS, manifest_hash, read_manifest,
                             write_manifest)
-from train.prepare_data import main, report_sections
+from train.prepare_data import finding_report, finding_table, main, report_sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,7 @@ def test_shared_dataset_limited_run(tmp_path):
     assert rep["licence_filter"]["pairs_excluded"] == len(r2) - len(s2)
     assert all(r["kept"] and r["reg_score"] is None and r["prior"] == r["prior_original"] for r in r2)
     assert {r["split"] for r in r1} <= {"train", "val"}
+    assert rrep["finding_counts"]["stage2"]["train"]["pairs"] == sum(r["split"] == "train" for r in r2)
     assert all(r["split"] == split_of(r["patient_id"]) for r in r1)
 
 
@@ -298,6 +299,22 @@ def test_manifest_roundtrip_and_hash(tmp_path):
     h1 = manifest_hash(tmp_path)
     (tmp_path / "registered" / "q.png").write_bytes(b"two")
     assert len({h, h1, manifest_hash(tmp_path)}) == 3
+
+
+def test_finding_counts_per_stage_and_split():
+    s1 = [{"split": "train", "labels": "Edema|Effusion"}, {"split": "train", "labels": "Edema"},
+          {"split": "train", "labels": ""}, {"split": "val", "labels": "No Finding"}]
+    s2 = [{"split": "train", "kept": True, "prior_labels": "No Finding", "followup_labels": "Edema|Effusion"},
+          {"split": "train", "kept": True, "prior_labels": "Edema|Effusion", "followup_labels": "Edema"},
+          {"split": "train", "kept": False, "prior_labels": "", "followup_labels": "Mass"}]  # not trained on
+    fc = finding_report(s1, s2)
+    assert fc["stage1"] == {"train": {"Edema": 2, "(no labels)": 1, "Effusion": 1}, "val": {"No Finding": 1}}
+    assert fc["stage2"]["train"] == {"pairs": 2, "followup": {"Edema": 2, "Effusion": 1},
+                                     "new": {"Edema": 1, "Effusion": 1}, "resolved": {"Effusion": 1}}
+    assert fc["stage2"]["val"]["pairs"] == 0
+    table = finding_table(fc, "train").splitlines()
+    assert table[0].startswith("| finding (train) | stage-1 images | stage-2 follow-ups (2 pairs)")
+    assert table[2:] == ["| Edema | 2 | 2 | 1 | 0 |", "| Effusion | 1 | 1 | 1 | 1 |", "| (no labels) | 1 | 0 | 0 | 0 |"]
 
 
 def test_module_mode_runs():

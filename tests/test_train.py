@@ -19,30 +19,6 @@ pytestmark = pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_d
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_prep(tmp_path_factory):
-    """stage1.csv / stage2.csv over 8 training and 2 validation pairs of the shared dataset."""
-    from train.manifest import STAGE1_COLUMNS, STAGE2_COLUMNS, write_manifest
-    out = tmp_path_factory.mktemp("prep")
-    pairs = [p for p in dataset.load_pairs() if p.progression_text and dataset.licence_ok_for_weights(p.prior.license)]
-    train = [p for p in pairs if p.split == "train"][:8]
-    val = [p for p in pairs if p.split == "val"][:2]
-    s1, s2 = [], []
-    for p in train + val:
-        for im in (p.prior, p.followup):
-            s1.append(dict(image_id=im.image_id, image=str(im.path), patient_id=im.patient_id, split=p.split,
-                           text=dataset.caption_for(im), labels="|".join(im.labels), sex=im.sex, age=im.age or "",
-                           view=im.view, license=im.license, source=im.source))
-        s2.append(dict(pair_id=p.pair_id, patient_id=p.patient_id, split=p.split, prior=str(p.prior.path),
-                       prior_original=str(p.prior.path), followup=str(p.followup.path), text=p.progression_text,
-                       text_origin=p.text_origin, reg_score=1.0, kept=True, prior_labels="|".join(p.prior.labels),
-                       followup_labels="|".join(p.followup.labels), days_between=p.days_between, license=p.prior.license))
-    write_manifest(s1, out / "stage1.csv", STAGE1_COLUMNS)
-    write_manifest(s2, out / "stage2.csv", STAGE2_COLUMNS)
-    tiny_pipeline().vae.save_pretrained(out / "vae")
-    return out
-
-
 def _train(prep, out, stage, steps=None, resume=None, stop_after=None, identity_prob=0.0):
     from train.config import load_config
     from train.train import train

@@ -59,6 +59,10 @@ class DiffusionTrain:
     min_reg_score: float | None = None  # None: trust prepare_data's `kept`
     identity_prob: float = 0.0         # stage 2: share of rows turned into (prior, "No significant interval
                                        #   change.", prior): identity mapping (CycleGAN §5.2) as data
+    sampling: str = "uniform"          # 'uniform' (each row once per epoch) | 'sqrt' | 'balanced': rows drawn with
+                                       #   per-finding inverse square-root / inverse frequency weights (the image's,
+                                       #   stage 2: the follow-up's rarest finding; Kang et al. 2020 arXiv:1910.09217,
+                                       #   Mahajan et al. 2018 arXiv:1805.00932); train/data.py sampling_weights
 
 
 @dataclass

@@ -11,8 +11,8 @@ A prepared-data folder OUT holds:
   description): such pairs train only the image-conditioned branch (the text is then
   the empty prompt, as in the trainer's text dropout). ``same_view`` records whether
   the two views match (AP vs PA pairs are kept; filter on it if you want).
-* ``prepare.json`` - settings, counts, registration score distribution and the
-  sha256 of both CSVs (``manifest_hash(OUT)`` combines them with the registered priors'
+* ``prepare.json`` - settings, counts, per-finding counts (``finding_counts``), registration
+  score distribution and the sha256 of both CSVs (``manifest_hash(OUT)`` combines them with the registered priors'
   pixels: the model card's "data manifest hash").
 
 Paths in the CSVs are absolute, or relative to the CSV's folder (registered priors);

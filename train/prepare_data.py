@@ -41,6 +41,11 @@ csv   A generic CSV (``--data`` = the CSV file, or a folder holding ``data.csv``
 Stage-2 rows with text '' (no description) train only the image-conditioned branch
 (the trainer sees the empty prompt, as in its text dropout).
 
+The long tail: per split, the images carrying each finding (stage 1) and, over kept pairs, the
+follow-ups carrying it and the pairs where it is new or resolved (stage 2) are printed as a table
+and written to prepare.json ("finding_counts"; ``finding_report``). The trainer can draw rows by
+them: ``sampling`` in train/config.py.
+
 Options
 -------
 --licence-filter (default on, for shipped weights): drop every image whose licence
@@ -86,7 +91,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from biomedjourney.config import write_json
-from biomedjourney.dataset import ImageRow, PairRow, caption_for, licence_ok_for_weights
+from biomedjourney.dataset import (NO_FINDING, ImageRow, PairRow, caption_for, finding_counts, licence_ok_for_weights,
+                                   parse_labels)
 from biomedjourney.imaging import read_image, save_png, to_uint8
 from biomedjourney.register import DEFAULT_THRESHOLD, harmonise, register
 from biomedjourney.sources import load_cxr, load_generic_csv, load_mimic, report_sections  # noqa: F401 - re-exported
@@ -268,6 +274,33 @@ def _counts(s1: list[dict], s2: list[dict]) -> dict:
     }
 
 
+def finding_report(s1: list[dict], s2: list[dict]) -> dict:
+    """prepare.json's "finding_counts" (the long tail), per split. stage1: images carrying each finding;
+    stage2, over the kept pairs (what trains): "followup" = follow-ups carrying each finding, "new" = pairs
+    whose follow-up has a finding its prior lacks, "resolved" = the reverse (No Finding is not a change)."""
+    out = {"stage1": {}, "stage2": {}}
+    for sp in sorted({r["split"] for r in s1} | {r["split"] for r in s2}):
+        out["stage1"][sp] = finding_counts(parse_labels(r["labels"]) for r in s1 if r["split"] == sp)
+        pairs = [(set(parse_labels(r["prior_labels"])), set(parse_labels(r["followup_labels"])))
+                 for r in s2 if r["split"] == sp and r["kept"]]
+        out["stage2"][sp] = {"pairs": len(pairs), "followup": finding_counts(f for _, f in pairs),
+                             "new": finding_counts((f - p - {NO_FINDING} for p, f in pairs), None),
+                             "resolved": finding_counts((p - f - {NO_FINDING} for p, f in pairs), None)}
+    return out
+
+
+def finding_table(fc: dict, split: str) -> str:
+    """``finding_report``'s counts of one split as a Markdown table, rarest last (by stage-1 images)."""
+    s1 = fc["stage1"].get(split, {})
+    s2 = fc["stage2"].get(split, {"pairs": 0, "followup": {}, "new": {}, "resolved": {}})
+    cols = [s1, s2["followup"], s2["new"], s2["resolved"]]
+    names = sorted(set().union(*cols), key=lambda f: tuple(-c.get(f, 0) for c in cols) + (f,))
+    lines = [f"| finding ({split}) | stage-1 images | stage-2 follow-ups ({s2['pairs']} pairs) | new | resolved |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | " + " | ".join(str(c.get(n, 0)) for c in cols) + " |" for n in names]
+    return "\n".join(lines)
+
+
 def load_source(args: argparse.Namespace, data: Path, describe: str) -> tuple[list[ImageRow], list[PairRow], dict, dict]:
     """(images, pairs, split of each patient, source stats) of --source (``biomedjourney.sources``)."""
     if args.source == "cxr":
@@ -397,6 +430,7 @@ def prepare(args: argparse.Namespace) -> dict:
         "licence_filter": selection["licence_filter"], "registration": registration_report(s2, results, args),
         "describe_usage": usage,
         "counts": _counts(s1, s2),
+        "finding_counts": finding_report(s1, s2),
         "sha256": {n: manifest_hash(out / n) for n in ("stage1.csv", "stage2.csv")},
         "data_manifest_hash": manifest_hash(out),
         "versions": _versions(),
@@ -460,6 +494,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  train pairs' |follow-up - prior|: mean {t.get('mean_abs_change')}, "
               f"{t.get('inside_lung_mask_fraction')} of it inside the lung-and-heart mask (32% of the area)")
     print(f"  data manifest hash {rep['data_manifest_hash']}")
+    for split in rep["finding_counts"]["stage1"]:
+        print(f"\nper-finding counts, {split} split (prepare.json finding_counts):\n"
+              + finding_table(rep["finding_counts"], split))
     return rep
 
 

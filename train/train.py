@@ -10,8 +10,8 @@
     # two CPU processes (gloo): torchrun --nproc_per_node 2 train/train.py ...
 
 The autoencoder and the text encoder are frozen, so every latent (posterior mode x scaling
-factor) and every text embedding is computed once and cached (OUT/cache-stage<N>.safetensors);
-the UNet trains on the cache. Writes OUT/stage<N>/: log.csv, TensorBoard logs, validation grids
+factor) and every text embedding is computed once and cached (OUT/cache-stage<N>.safetensors,
+or a prebuilt one: train/build_gpu_bundle.py); the UNet trains on the cache. Writes OUT/stage<N>/: log.csv, TensorBoard logs, validation grids
 (val-<step>.png: prior | generated | real), atomic checkpoints (checkpoints/step-*), and the
 export for inference (export/: a pipeline folder with the EMA weights).
 """
@@ -47,7 +47,7 @@ from biomedjourney.pipeline import BiomedJourneyPipeline, assemble
 from biomedjourney.text_encoders import TextEncoder, build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import DiffusionTrain, RunConfig, config_dict, load_config
-from train.data import batch_indices, stack_images, step_generator, to_float
+from train.data import draw_batch, sampling_weights, stack_images, step_generator, to_float
 from train.manifest import manifest_hash, read_manifest
 
 
@@ -56,13 +56,15 @@ def training_rows(data: Path, stage: int, register: bool, split: str = "train") 
     """Stage 1: image-text rows. Stage 2: triples kept by registration (or all, original priors, with register=False)."""
     if stage == 1:
         rows = read_manifest(data / "stage1.csv")
-        return [dict(target=r["image"], prior="", text=r["text"]) for r in rows if r["split"] == split]
+        return [dict(target=r["image"], prior="", text=r["text"], labels=r.get("labels", "")) for r in rows
+                if r["split"] == split]
     rows = read_manifest(data / "stage2.csv")
     out = []
     for r in rows:
         if r["split"] != split or (register and not r["kept"]):
             continue
-        out.append(dict(target=r["followup"], prior=r["prior"] if register else r["prior_original"], text=r["text"]))
+        out.append(dict(target=r["followup"], prior=r["prior"] if register else r["prior_original"], text=r["text"],
+                        labels=r.get("followup_labels", "")))
     return out
 
 
@@ -86,17 +88,25 @@ def build_cache(rows: list[dict], vae: AutoencoderKL, text_spec, resolution: int
             return cache
         path.unlink()  # written before a prompt it now needs (e.g. NO_CHANGE): rebuild
     lat = encode_latents(vae, stack_images(images, resolution), device)
-    te = build_text_encoder(text_spec).to(device)
-    embs, masks = [], []
-    for i in tqdm(range(0, len(texts), 64), desc="encode texts", leave=False):
-        e, m = te(texts[i:i + 64])
-        embs.append(e.half().cpu())
-        masks.append(m.to(torch.int8).cpu())
-    cache = {"latents": lat, "text_emb": torch.cat(embs), "text_mask": torch.cat(masks),
-             "image_keys": _keys(images), "text_keys": _keys(texts)}
+    emb, mask = encode_texts(build_text_encoder(text_spec).to(device), texts)
+    cache = {"latents": lat, "text_emb": emb, "text_mask": mask, "image_keys": _keys(images), "text_keys": _keys(texts)}
     meta = {"images": json.dumps(images), "texts": json.dumps(texts)}
     atomic_write(path, lambda tmp: save_file(cache, tmp, metadata=meta))  # a run sharing the cache never reads half a file
     return load_file(path)
+
+
+@torch.no_grad()
+def encode_texts(te: TextEncoder, texts: list[str], batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 embeddings (N, T, D) and int8 masks (N, T) on CPU, T = the longest prompt's token count: the
+    UNet masks padding out (encoder_attention_mask), so the padded tail would add bytes, not information."""
+    embs, masks = [], []
+    for i in tqdm(range(0, len(texts), batch), desc="encode texts", leave=False):
+        e, m = te(texts[i:i + batch])
+        embs.append(e.half().cpu())
+        masks.append(m.to(torch.int8).cpu())
+    emb, mask = torch.cat(embs), torch.cat(masks)
+    t = max(1, int(mask.sum(1).max()))
+    return emb[:, :t].contiguous(), mask[:, :t].contiguous()
 
 
 def _keys(items: list[str]) -> torch.Tensor:
@@ -229,14 +239,20 @@ def cache_path_for(data: Path, stage: int, register: bool, vae_path: Path, text_
     return folder / f"cache-stage{stage}-{tag}.safetensors"
 
 
+def make_ema(unet: UNet2DConditionModel, tc: DiffusionTrain) -> EMAModel:
+    """EMA of the UNet's weights, from its current ones. foreach: two multi-tensor kernels per step, not
+    three small ones per parameter tensor (on a GPU those launches cost as much as a small UNet's step)."""
+    return EMAModel(unet.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup, foreach=True,
+                    model_cls=UNet2DConditionModel, model_config=unet.config)
+
+
 def build_trainee(cfg: RunConfig, tc: DiffusionTrain, stage: int, vae: AutoencoderKL, text_dim: int, out: Path,
                   curriculum: bool, acc: Accelerator) -> Trainee:
     """UNet (init_unet), EMA, AdamW, cosine LR schedule and the DDPM noise schedule, prepared by accelerate."""
     unet = init_unet(cfg, tc, stage, vae, text_dim, out, curriculum)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ema = EMAModel(unet.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
-                   model_cls=UNet2DConditionModel, model_config=unet.config)
+    ema = make_ema(unet, tc)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_sched = get_scheduler("cosine", opt, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
     noise_sched = DDPMScheduler.from_config(training_scheduler_config(cfg.model))
@@ -253,8 +269,7 @@ def resume_trainee(t: Trainee, ckdir: Path, resume: str | None, tc: DiffusionTra
     if ck is None:
         return 0
     meta = load_checkpoint(ck, models={"unet": t.raw, "ema": t.ema_module}, optimizer=t.opt)
-    t.ema = EMAModel(t.ema_module.parameters(), decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup,
-                     model_cls=UNet2DConditionModel, model_config=t.raw.config)
+    t.ema = make_ema(t.ema_module, tc)
     t.ema.optimization_step = meta["extra"]["ema_step"]
     t.lr_sched.load_state_dict(meta["extra"]["lr_sched"])
     acc.print(f"resumed from {ck} at step {meta['step']}")
@@ -339,9 +354,12 @@ def write_rank_fingerprint(unet: torch.nn.Module, sdir: Path, rank: int) -> None
     atomic_text(sdir / f"weights-rank{rank}.sha256", digest + "\n")
 
 
-def export_stage(t: Trainee, vae, cfg: RunConfig, text_spec, sdir: Path, export_dtype: str, info: dict) -> None:
-    """The EMA weights as a pipeline folder (sdir/export) that BiomedJourneyPipeline.from_pretrained loads."""
-    pipe = make_pipeline(t.ema_weights().eval(), vae, cfg, text_spec, info)
+def export_stage(t: Trainee, vae, cfg: RunConfig, text_spec, sdir: Path, export_dtype: str, info: dict,
+                 load_text: bool = True) -> None:
+    """The EMA weights as a pipeline folder (sdir/export) that BiomedJourneyPipeline.from_pretrained loads.
+    load_text=False: ``text_spec`` is the encoder's full spec (``encoder.spec()``), written without loading
+    the encoder (a machine without its weights writes the same folder)."""
+    pipe = make_pipeline(t.ema_weights().eval(), vae, cfg, text_spec, info, load_text=load_text)
     dtype = {"fp16": torch.float16, "fp32": None, "bf16": torch.bfloat16}[export_dtype]
     atomic_write(sdir / "export", lambda tmp: pipe.save_pretrained(tmp, dtype=dtype), directory=True)
 
@@ -359,20 +377,24 @@ class StageData:
 
 
 def load_stage_data(acc: Accelerator, cfg: RunConfig, stage: int, data: Path, register: bool, vae: AutoencoderKL,
-                    vae_path: Path, cache_folder: Path) -> StageData:
-    """Training and validation rows, and the latent/text cache (the main process builds it, the others read it)."""
+                    vae_path: Path, cache_folder: Path, cache_file: Path | None = None) -> StageData:
+    """Training and validation rows, and the latent/text cache (the main process builds it, the others read it;
+    ``cache_file``: a prebuilt cache holding every row's image and text, used as is)."""
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     rows = training_rows(data, stage, register)
     val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
     if not rows:
         raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
-    path = cache_path_for(data, stage, register, vae_path, cfg.model.text_encoder, cache_folder)
-    if acc.is_main_process:
+    path = cache_file or cache_path_for(data, stage, register, vae_path, cfg.model.text_encoder, cache_folder)
+    if acc.is_main_process and cache_file is None:
         build_cache(rows + val_rows, vae, cfg.model.text_encoder, cfg.model.resolution, path, acc.device)
     acc.wait_for_everyone()
     cache = load_file(path)
-    return StageData(rows, val_rows, cache, index_rows(rows, cache), index_rows(val_rows, cache),
-                     text_index("", cache), text_index(NO_CHANGE, cache))
+    try:
+        return StageData(rows, val_rows, cache, index_rows(rows, cache), index_rows(val_rows, cache),
+                         text_index("", cache), text_index(NO_CHANGE, cache))
+    except (KeyError, IndexError) as e:
+        raise SystemExit(f"{path} lacks an image or text of {data}'s stage-{stage} rows: rebuild it") from e
 
 
 def checkpoint_and_validate(t: Trainee, cfg: RunConfig, stage: int, d: StageData, vae, sdir: Path, step: int,
@@ -395,9 +417,10 @@ def run_steps(t: Trainee, acc: Accelerator, cfg: RunConfig, stage: int, d: Stage
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     bar = tqdm(total=tc.steps, initial=step, desc=f"stage {stage}", disable=not acc.is_main_process)
     t.model.train()
+    weights = sampling_weights([r.get("labels", "") for r in d.rows], tc.sampling)  # None: uniform
     while step < tc.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
-        b = batch_indices(len(d.rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes)
+        b = draw_batch(len(d.rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes, weights)
         batch = make_batch(b, d.idx, d.cache, tc, stage, g, d.empty, d.no_change)
         loss = diffusion_loss(t, acc, cfg.model.prediction_type, batch, g)
         optimise(t, acc, loss, tc.max_grad_norm)
@@ -419,7 +442,10 @@ def run_steps(t: Trainee, acc: Accelerator, cfg: RunConfig, stage: int, d: Stage
 def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, resume: str | None = None,
           minutes: float | None = None, curriculum: bool = True, register: bool = True,
           export_dtype: str = "fp16", command: str = "", stop_after: int | None = None,
-          cache_dir: Path | None = None) -> dict:
+          cache_dir: Path | None = None, cache_file: Path | None = None, text_spec: dict | None = None) -> dict:
+    """One stage. ``cache_file``: a prebuilt latent/text cache (no image is read); ``text_spec``: the text
+    encoder's full spec, exported without loading the encoder (with a prebuilt cache the encoder's weights
+    need not be on this machine)."""
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     # cpu=True on a machine without CUDA: under torchrun, accelerate then opens a gloo group (MULTI_CPU)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
@@ -428,7 +454,7 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
     sdir.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(acc.device).eval().requires_grad_(False)
     # 1. Rows and the latent/text cache
-    d = load_stage_data(acc, cfg, stage, data, register, vae, vae_path, cache_dir or out)
+    d = load_stage_data(acc, cfg, stage, data, register, vae, vae_path, cache_dir or out, cache_file)
     # 2. Model, EMA, optimizer, LR schedule
     t = build_trainee(cfg, tc, stage, vae, d.cache["text_emb"].shape[-1], out, curriculum, acc)
     step = start_step = resume_trainee(t, sdir / "checkpoints", resume, tc, acc)
@@ -452,7 +478,8 @@ def train(cfg: RunConfig, stage: int, data: Path, vae_path: Path, out: Path, res
                 "manifest_sha256": manifest_hash(data / ("stage1.csv" if stage == 1 else "stage2.csv")),
                 "training_rows": len(d.rows), "steps": step, "wall_seconds": round(seconds, 1),
                 "curriculum": curriculum, "registration": register, "processes": acc.num_processes}
-        export_stage(t, vae, cfg, cfg.model.text_encoder, sdir, export_dtype, info)
+        export_stage(t, vae, cfg, text_spec or cfg.model.text_encoder, sdir, export_dtype, info,
+                     load_text=text_spec is None)
         write_json(result, sdir / "result.json")
         acc.print(f"stage {stage}: {step} steps in {seconds / 60:.1f} min; exported {sdir / 'export'}")
     return result
