@@ -10,6 +10,7 @@ still starts and says how to get one. Results of each run are kept in a per-sess
 under $BIOMEDJOURNEY_OUTPUTS (default: the system temp dir), removed when the session ends.
 """
 import argparse
+import contextlib
 import os
 
 MODEL_ENV_NAME = "BIOMEDJOURNEY_MODEL"  # == biomedjourney.pipeline.MODEL_ENV (not imported: --help stays instant)
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 if __name__ == "__main__":  # before gradio and torch are imported: `python app.py --help` answers at once
     parse_args()
 
+import logging  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -45,6 +47,8 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from biomedjourney import NOTICE, journey, masks, service
+from biomedjourney.atomic import atomic_write
+from biomedjourney.cli import check_answer, redact
 from biomedjourney.config import ModelConfig, SamplerConfig
 from biomedjourney.findings import Finding, extract, render as canonical_text
 from biomedjourney.findings.schema import Change, FindingName, Severity, Side, Zone
@@ -53,6 +57,7 @@ from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_wa
 from biomedjourney.model import SCHEDULERS
 from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, _public_model_id,
                                     default_model_path, denoising_steps, read_defaults)
+from biomedjourney.service import ModelLoadError, check_description, load_pipeline
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
 
 ROOT = Path(__file__).resolve().parent
@@ -75,6 +80,16 @@ CHANGE_COLOURS = {"new": "#ef4444", "increased": "#f97316", "decreased": "#3b82f
 EXAMPLE_JOURNEY = "day 3: new right lower lobe consolidation\nday 7: increasing right consolidation\n" \
                   "day 14: resolving right consolidation"
 DISCLAIMER = f"⚠️ **{NOTICE}**"
+# Serving limits (README, "Reliability"): one generation at a time on the CPU (generate and journey share the
+# "model" queue), at most QUEUE_MAX of them waiting or running, at most JOBS_PER_USER of those from one session
+# (browser tab or API client); more is refused at once with a 'busy' message. Uploads above MAX_UPLOAD_MB are
+# refused by the server before they reach a handler; a session's uploads and results are removed when it ends.
+MODEL_CONCURRENCY = int(os.environ.get("BIOMEDJOURNEY_CONCURRENCY", 1))
+QUEUE_MAX = int(os.environ.get("BIOMEDJOURNEY_QUEUE_MAX", 16))
+JOBS_PER_USER = int(os.environ.get("BIOMEDJOURNEY_JOBS_PER_USER", 2))
+MAX_UPLOAD_MB = int(os.environ.get("BIOMEDJOURNEY_MAX_UPLOAD_MB", 64))
+MAX_REPORT_CHARS = 20_000  # per report sent to the describer (a paid request with GPT-4)
+log = logging.getLogger("biomedjourney.app")
 
 # ======================================================================== model (lazy, once)
 _PIPE: BiomedJourneyPipeline | None = None
@@ -98,12 +113,12 @@ def get_pipe() -> BiomedJourneyPipeline:
     with _LOCK:
         if _PIPE is None or _PIPE_SOURCE != src:
             try:
-                _PIPE, _PIPE_SOURCE = BiomedJourneyPipeline.from_pretrained(src), src
-            except Exception as e:  # noqa: BLE001 - missing folder, Hub/network, bad config or weights
-                raise gr.Error(f"No model could be loaded from '{_public_model_id(src)}': {e} To fix: start the app with "
-                               f"`python app.py --model PATH_OR_HUB_ID`, or set {MODEL_ENV}=PATH, or put "
-                               "a trained model folder at assets/biomedjourney-cxr (see README).",
-                               title="Model not available") from None
+                _PIPE, _PIPE_SOURCE = load_pipeline(src or None), src  # safetensors only; never unpickles
+            except ModelLoadError as e:  # missing folder, Hub/network, bad config, truncated or mismatched weights
+                raise _error(f"No model could be loaded from '{_public_model_id(src)}': {e} To fix: start the app "
+                             f"with `python app.py --model PATH_OR_HUB_ID`, or set {MODEL_ENV}=PATH, or put a trained "
+                             "model folder at assets/biomedjourney-cxr (see README).",
+                             title="Model not available") from None
     return _PIPE
 
 
@@ -117,8 +132,31 @@ def initial_defaults() -> SamplerConfig:
 
 # ======================================================================== helpers
 def _error(message: str, title: str = "Error") -> gr.Error:
-    """A gr.Error for bad input: shown to the user, not logged as a server traceback."""
-    return gr.Error(message, title=title, print_exception=False)
+    """A gr.Error for bad input: shown to the user, not logged as a server traceback (never the OpenAI key)."""
+    return gr.Error(redact(message), title=title, print_exception=False)
+
+
+@contextlib.contextmanager
+def _guard(what: str, disk: bool = False):
+    """A failure inside a run -> one message for the user, and the server carries on: bad settings say what to
+    change; with ``disk`` a write error says the disk may be full (files are written atomically: nothing is left
+    half-written under its name); anything else (a bug, out of memory) is logged with its traceback."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except ValueError as e:  # ImageLoadError included
+        raise _error(str(e), title="Invalid settings") from None
+    except OSError as e:
+        if not disk:
+            raise
+        log.error("%s: %s", what, e)
+        raise _error(f"{what} failed: the server could not write its files ({e.strerror or e}); its disk may be "
+                     "full. Nothing half-written was kept. Try again later.", title="Could not save") from None
+    except Exception as e:  # noqa: BLE001 - reported to the user, logged for the operator
+        log.exception("%s failed", what)
+        raise _error(f"{what} failed unexpectedly ({type(e).__name__}). The server is still running: try again, "
+                     "and report it if it keeps failing.", title="Something went wrong") from None
 
 
 def _run_folder(request: gr.Request | None, kind: str) -> Path:
@@ -129,16 +167,51 @@ def _run_folder(request: gr.Request | None, kind: str) -> Path:
     return folder
 
 
+# uploaded file -> the sessions that used it (gradio keeps one copy per content, shared between sessions)
+_UPLOADS: dict[Path, set[str]] = {}
+_UPLOADS_LOCK = threading.Lock()
+
+
+def _session(request) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", getattr(request, "session_hash", None) or "")
+
+
+def _remember_upload(path, request) -> None:
+    """Note an uploaded prior (a file in gradio's upload folder) as this session's, to remove it when it ends."""
+    session, p = _session(request), Path(str(path))
+    try:
+        inside = p.resolve().is_relative_to(Path(gr.utils.get_upload_folder()).resolve())
+    except (OSError, ValueError):
+        inside = False
+    if session and inside and p.name not in _EXAMPLE_NAMES:  # examples are shared by every session: kept
+        with _UPLOADS_LOCK:
+            _UPLOADS.setdefault(p, set()).add(session)
+
+
 def _cleanup_session(request: gr.Request):
-    session = re.sub(r"[^A-Za-z0-9_-]", "", getattr(request, "session_hash", None) or "")
-    if session:
-        shutil.rmtree(OUTPUT_ROOT / session, ignore_errors=True)
+    """Session ended (tab closed, client gone): its results and the uploads no other session uses are removed."""
+    session = _session(request)
+    if not session:
+        return
+    shutil.rmtree(OUTPUT_ROOT / session, ignore_errors=True)
+    with _UPLOADS_LOCK:
+        mine = [p for p, users in _UPLOADS.items() if session in users]
+        for p in mine:
+            _UPLOADS[p].discard(session)
+            if not _UPLOADS[p]:
+                del _UPLOADS[p]
+                p.unlink(missing_ok=True)
+                try:
+                    p.parent.rmdir()  # gradio's per-upload folder, when now empty
+                except OSError:
+                    pass
 
 
-def _read_prior(prior_file) -> LoadedImage:
+def _read_prior(prior_file, request=None) -> LoadedImage:
     if not prior_file:
         raise _error("No prior image: upload a PNG, JPEG or DICOM chest X-ray (drag it onto the upload "
                      "box) or click one of the example images.", title="Prior image missing")
+    _remember_upload(prior_file, request)
     try:
         return read_image(prior_file)
     except ImageLoadError as e:
@@ -146,12 +219,109 @@ def _read_prior(prior_file) -> LoadedImage:
 
 
 def _check_description(description: str, what: str = "description") -> str:
-    text = (description or "").strip()
+    text = (description or "").strip() if isinstance(description, str) or description is None else description
     if not text:
         raise _error(f"The {what} is empty: write the change you want to see (e.g. 'New right pleural "
                      "effusion.'), click an example, or use 'Write it from reports'.",
                      title="Description missing")
-    return text
+    try:
+        return check_description(text, what)
+    except ValueError as e:
+        raise _error(str(e), title=f"Check the {what}") from None
+
+
+_ADMITTED: dict[str, list[float]] = {}   # session -> when its jobs were admitted and have not started yet
+_ADMIT_LOCK = threading.Lock()
+ADMIT_WINDOW_S = 10.0                   # an admission not started by then is forgotten (its client went away)
+
+
+def _limit_model_jobs(demo: gr.Blocks) -> None:
+    """Refuse, at submission and with a 'busy' message, a generate/journey job beyond JOBS_PER_USER of one session
+    or QUEUE_MAX in all (waiting or running): gradio's queue is wrapped so that such a job is never queued. The
+    refusal reaches the browser and gradio_client as a validation message on the prior image."""
+    q, push = demo._queue, demo._queue.push
+    model_fns = {i for i, fn in demo.fns.items() if fn.concurrency_id == "model"}
+
+    async def limited(body, *args, **kwargs):
+        refused = _foreign_file(body.data)
+        if not refused and body.fn_index in model_fns:
+            refused = _busy(_session(body))
+        if refused:
+            return False, [{**gr.validate(False, refused), "parameter_name": "prior_file"}], "validator_error"
+        return await push(body, *args, **kwargs)
+    q.push = limited
+
+
+def _foreign_file(value) -> str:
+    """Why a request names a file that was not uploaded to this server (gradio would refuse it too, with a
+    traceback in the log and no message), or ''."""
+    if isinstance(value, (list, tuple)):
+        return next((m for m in map(_foreign_file, value) if m), "")
+    if not isinstance(value, dict):
+        return ""
+    if isinstance(value.get("path"), str) and (value.get("meta") or {}).get("_type") == "gradio.FileData":
+        if not gr.utils.is_in_or_equal(gr.utils.abspath(value["path"]), gr.utils.get_upload_folder()):
+            return ("A file in this request was not uploaded to this server; upload it first (in the page, or with "
+                    "gradio_client.handle_file). Server paths cannot be read.")
+        return ""
+    return _foreign_file(list(value.values()))
+
+
+def _busy(session: str) -> str:
+    """'' when a job of ``session`` may be queued now (it is then counted as admitted until it starts), else why."""
+    with _ADMIT_LOCK:
+        queued, everyone = _model_jobs(session)
+        now = time.monotonic()
+        for key in list(_ADMITTED):
+            kept = [t for t in _ADMITTED[key] if now - t < ADMIT_WINDOW_S]
+            if kept:
+                _ADMITTED[key] = kept
+            else:
+                del _ADMITTED[key]
+        mine = max(queued, len(_ADMITTED.get(session, [])))  # two submissions in one instant: both counted
+        if session and mine >= JOBS_PER_USER:  # a call without a session (the REST API): the overall limit only
+            return (f"The server is busy with your earlier requests: {mine} of yours are waiting or running (at most "
+                    f"{JOBS_PER_USER} per user). Wait for them to finish, then try again.")
+        if everyone >= QUEUE_MAX:
+            return f"The server is busy: {everyone} generations are waiting or running (at most {QUEUE_MAX}). Try again in a minute."
+        if session:
+            _ADMITTED.setdefault(session, []).append(now)
+    return ""
+
+
+def _started(request) -> None:
+    """A model job began: it is in gradio's running jobs now, no longer an admission to count."""
+    with _ADMIT_LOCK:
+        waiting = _ADMITTED.get(_session(request))
+        if waiting:
+            waiting.pop(0)
+
+
+def _model_jobs(session: str) -> tuple[int, int]:
+    """(this session's, everyone's) jobs on the "model" concurrency id, waiting or running, from gradio's queue."""
+    q = getattr(get_demo(), "_queue", None)
+    try:
+        waiting = q.event_queue_per_concurrency_id.get("model")
+        events = list(waiting.queue) if waiting else []
+        events += [e for job in q.active_jobs if job for e in job if e.concurrency_id == "model"]
+    except AttributeError:  # another gradio version: only the limits gradio itself enforces apply
+        events = []
+    return sum(_session(e) == session for e in events), len(events)
+
+
+def _checked_by_handler(*components) -> None:
+    """These inputs' API values reach the handler as sent: _number / _sampler / the service check them and name the
+    field. (gradio's own check of a slider's bounds or of a choice answers an API call in its words and logs a
+    server traceback.) Set on the instances: a subclass of a gradio component would make gradio write app.pyi."""
+    for c in components:
+        c.preprocess = lambda payload: payload
+
+
+def _any_prior_file(f):
+    """The prior's upload: any file name reaches read_image, which tells PNG, JPEG and DICOM apart by content (PACS
+    exports often have no extension) and says what is wrong; the browser's picker still offers FILE_TYPES first.
+    (gradio's own: an extension check with a server traceback, and an empty temp file left per call.)"""
+    return gr.utils.NamedString(f.path)
 
 
 # The numeric settings: (label in the UI, lowest, highest, whole number?). The sliders enforce these in the
@@ -209,12 +379,13 @@ def _findings_chips(findings: list[Finding]) -> list[tuple[str, str | None]]:
     return out[:-1]
 
 
-def _notes_markdown(plan: service.EditPlan | None) -> str:
+def _notes_markdown(plan: service.EditPlan | None, image_warnings: list[str] = ()) -> str:
     if plan is None:
         return ""
     where = {"findings": "the described findings on the prior's lungs", "painted": "your painted region",
              "whole film": "the whole film"}[plan.mask_source]
     lines = [f"**Read as:** {plan.canonical}  \n**May change:** {where}"]
+    lines += [f"- ⚠️ {w}" for w in image_warnings]  # about the prior (also said on upload): API callers see them here
     lines += [f"- {n}" for n in plan.notes]
     lines += [f"- drawn from knowledge: {r}" for r in plan.rendered]
     return "\n".join(lines)
@@ -228,10 +399,10 @@ def _alerts(plan: service.EditPlan, painted) -> list[str]:
     return out
 
 
-def _prior_input(prior_file):
+def _prior_input(prior_file, request=None):
     """(pipe, the prior as the model sees it); gr.Error when the file or the model is missing."""
     pipe = get_pipe()
-    return pipe, pipe.prepare_prior(_read_prior(prior_file))
+    return pipe, pipe.prepare_prior(_read_prior(prior_file, request))
 
 
 def _painted(paint: bool, canvas, size: int):
@@ -260,6 +431,9 @@ def _info_markdown(img: LoadedImage, resolution: int, aspect: str) -> str:
     return "\n".join(f"- **{k}:** {v}" for k, v in rows)
 
 
+_EXAMPLE_NAMES = ("RG1_UNCI.dcm", "RG1_UNCI_256.png", "RG1_UNCI_256.jpg", "RG1_UNCI_low_contrast_monochrome1.dcm")
+
+
 def _example_files() -> list[str]:
     """Example priors, all from pydicom's public RG1_UNCI.dcm (no dataset image is shipped): the DICOM
     itself, a 256 px PNG and JPEG export of it, and a low-contrast MONOCHROME1 DICOM variant (inverted
@@ -273,14 +447,13 @@ def _example_files() -> list[str]:
     src = Path(pydicom.data.get_testdata_file("RG1_UNCI.dcm"))
     folder = OUTPUT_ROOT / "examples"
     folder.mkdir(parents=True, exist_ok=True)
-    out = {name: folder / name for name in ("RG1_UNCI.dcm", "RG1_UNCI_256.png", "RG1_UNCI_256.jpg",
-                                            "RG1_UNCI_low_contrast_monochrome1.dcm")}
-    if not all(p.exists() for p in out.values()):
-        shutil.copyfile(src, out["RG1_UNCI.dcm"])
+    out = {name: folder / name for name in _EXAMPLE_NAMES}
+    if not all(p.exists() for p in out.values()):  # atomic writes: a crash here never leaves half an example
+        atomic_write(out["RG1_UNCI.dcm"], lambda tmp: shutil.copyfile(src, tmp))
         img = read_image(src).pixels  # (H, W) [0, 1], MONOCHROME2
         small = Image.fromarray(to_uint8(img)).resize((256 * img.shape[1] // img.shape[0], 256), Image.LANCZOS)
-        small.save(out["RG1_UNCI_256.png"])
-        small.save(out["RG1_UNCI_256.jpg"], quality=90)
+        atomic_write(out["RG1_UNCI_256.png"], lambda tmp: small.save(tmp, format="PNG"))
+        atomic_write(out["RG1_UNCI_256.jpg"], lambda tmp: small.save(tmp, format="JPEG", quality=90))
         ds = pydicom.dcmread(src)
         for kw in ("WindowCenter", "WindowWidth", "VOILUTFunction", "PatientName", "PatientID"):
             if kw in ds:
@@ -290,17 +463,17 @@ def _example_files() -> list[str]:
         ds.PixelSpacing = None
         ds.set_pixel_data(low.astype(np.uint16), photometric_interpretation="MONOCHROME1", bits_stored=12)
         ds.PatientName, ds.PatientID = "", ""
-        ds.save_as(out["RG1_UNCI_low_contrast_monochrome1.dcm"])
+        atomic_write(out["RG1_UNCI_low_contrast_monochrome1.dcm"], lambda tmp: ds.save_as(tmp))
     return [str(p) for p in out.values()]
 
 
 # ======================================================================== handlers
-def preview_prior(prior_file):
+def preview_prior(prior_file, request: gr.Request | None = None):
     """Upload -> (the image as the model sees it, info markdown); a gr.Warning per plausibility issue."""
     if not prior_file:
         return None, "*No image yet.*"
     try:
-        img = _read_prior(prior_file)
+        img = _read_prior(prior_file, request)
     except gr.Error as e:  # said here, beside the upload; Generate raises the one toast (not two alike)
         return None, f"❌ **{e.title}.** {e.message}"
     for w in cxr_warnings(img):
@@ -315,28 +488,35 @@ def preview_prior(prior_file):
 
 def read_findings(description):
     """Live, as the user types: the findings read from the description, as chips."""
-    text = (description or "").strip()
+    text = (description or "").strip() if isinstance(description, str) else ""
+    if len(text) > service.MAX_DESCRIPTION_CHARS:  # generate says why; not read on every keystroke
+        return []
     return _findings_chips([] if text == NO_CHANGE else extract(text))
 
 
-def preview_plan(prior_file, description, region, render):
+def preview_plan(prior_file, description, region, render, request: gr.Request | None = None):
     """Prior or description changed -> (the prior with the edit mask tinted, the plan's notes)."""
     if not prior_file:
         return None, ""
     try:
-        _, prior = _prior_input(prior_file)
+        _, prior = _prior_input(prior_file, request)
     except gr.Error:  # preview_prior / generate say why
         return None, ""
-    plan = service.plan_edit(prior, description, [0], region=region, render=bool(render))
+    try:
+        if isinstance(description, str) and description.strip():
+            check_description(description)
+        plan = service.plan_edit(prior, description, [0], region=region, render=bool(render))
+    except ValueError as e:  # a description or region generate would refuse: said here, no mask
+        return masks.mask_overlay(prior, None), f"❌ {e}"
     return masks.mask_overlay(prior, plan.mask), _notes_markdown(plan)
 
 
-def paint_canvas(paint, prior_file):
+def paint_canvas(paint, prior_file, request: gr.Request | None = None):
     """'Paint my own region' -> the editor with the prior (as the model sees it) to paint on."""
     if not paint or not prior_file:
         return gr.update(visible=bool(paint), value=None)
     try:
-        _, prior = _prior_input(prior_file)
+        _, prior = _prior_input(prior_file, request)
     except gr.Error:  # preview_prior / generate say why (one message, not one per handler)
         return gr.update(visible=True, value=None)
     grey = to_uint8(prior)
@@ -345,8 +525,12 @@ def paint_canvas(paint, prior_file):
 
 def compose(description, *rows):
     """Composer rows (finding, side, zone, severity, change) x N -> the canonical text added to the description."""
-    found = [Finding(name=r[0], side=r[1], zone=r[2], severity=r[3], change=r[4])
-             for r in (rows[i:i + 5] for i in range(0, len(rows), 5)) if r[0]]
+    try:
+        found = [Finding(name=r[0], side=r[1], zone=r[2], severity=r[3], change=r[4])
+                 for r in (rows[i:i + 5] for i in range(0, len(rows), 5)) if r[0]]
+    except ValueError as e:  # pydantic: a value that is not one of the choices (an API call)
+        raise _error(f"The composer got a value that is not one of its choices: {str(e).splitlines()[-1].strip()}. "
+                     "Pick the finding, side, zone, severity and change from the lists.", title="Composer") from None
     if not found:
         gr.Warning("Pick a finding in at least one row first.", title="Composer")
         return gr.skip()
@@ -375,40 +559,41 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
              scheduler, strength=None, transfer=None, region=None, render=None, paint=False, canvas=None,
              request: gr.Request | None = None, progress=gr.Progress()) -> FollowUpView:
     """Prior + description -> follow-ups, heatmaps, comparison, settings, downloads, findings and edit region."""
+    _started(request)
     description = _check_description(description)
-    loaded = _read_prior(prior_file)
+    loaded = _read_prior(prior_file, request)
     sampler = _sampler(steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
+    n = _number(num_images, "num_images")
     pipe = get_pipe()
     d = pipe.defaults
     if render and sampler["strength"] == d.strength:  # slider untouched: the model's harmonisation strength
         sampler["strength"] = None
     painted = _painted(paint, canvas, pipe.resolution)
     total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or d.strength)
-    try:
+    with _guard("The generation"):
         res = service.generate_followups(
-            pipe, loaded, description, seed=seed, num_images=_number(num_images, "num_images"), sampler=sampler, region=region,
+            pipe, loaded, description, seed=seed, num_images=n, sampler=sampler, region=region,
             painted_mask=painted, render=render,
             on_step=lambda i: progress((i, total), desc="Generating follow-ups", unit="steps"))
-    except ValueError as e:
-        raise _error(str(e), title="Invalid settings") from None
     for alert in _alerts(res.plan, painted):
         gr.Warning(alert, title="Note")
 
     progress(0.95, desc="Heatmaps and files")
-    exp = service.export_followups(res, _run_folder(request, "followup"), source=loaded, dicom=True, heatmaps=True,
-                                   zip_name="biomedjourney_followups.zip")
+    with _guard("Saving the results", disk=True):
+        exp = service.export_followups(res, _run_folder(request, "followup"), source=loaded, dicom=True,
+                                       heatmaps=True, zip_name="biomedjourney_followups.zip")
     gallery = [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")
                for i, (im, s) in enumerate(zip(res.images, res.seeds))]
     heat = [(str(exp.heatmaps[f"sample{i + 1}"]), f"Sample {i + 1}") for i in range(len(res.images))]
-    settings = {**res.settings, "generation_seconds": round(res.seconds, 2),
+    settings = {**res.settings, "generation_seconds": round(res.seconds, 2), "image_warnings": res.warnings,
                 "note": "image i is reproduced by seed = seeds[i] with 1 sample", "disclaimer": NOTICE}
     return FollowUpView(
         gallery=gallery, slider=(to_uint8(res.prior), gallery[0][0]), heatmaps=heat,
         mean_change=str(exp.heatmaps["mean_change"]), uncertainty=str(exp.heatmaps["uncertainty"]),
         settings=settings, files=[str(p) for p in exp.files], zip=str(exp.zip), seed=seed,
         state={"prior": res.prior, "images": res.images, "seeds": res.seeds},
-        chips=_findings_chips(res.plan.findings), notes=_notes_markdown(res.plan),
+        chips=_findings_chips(res.plan.findings), notes=_notes_markdown(res.plan, res.warnings),
         mask_preview=masks.mask_overlay(res.prior, res.plan.mask))
 
 
@@ -420,8 +605,8 @@ def compare(state, evt: gr.SelectData):
     return to_uint8(state["prior"]), to_uint8(mark_synthetic(state["images"][i]))
 
 
-def describe(prior_report, followup_report, intended_change, backend="auto"):
-    """Two reports (or a report and an intended change) -> (description, which backend wrote it)."""
+def _report_inputs(prior_report, followup_report, intended_change) -> tuple[str | None, str | None]:
+    """(follow-up report, intended change), exactly one of them; gr.Error saying what is missing or too long."""
     followup = (followup_report or "").strip() or None
     intended = (intended_change or "").strip() or None
     if not (prior_report or "").strip():
@@ -432,8 +617,19 @@ def describe(prior_report, followup_report, intended_change, backend="auto"):
     if not followup and not intended:
         raise _error("Paste a follow-up report, or write the intended change (e.g. 'new right "
                      "effusion').", title="Follow-up missing")
+    longest = max(len(prior_report), len(followup or intended))
+    if longest > MAX_REPORT_CHARS:  # a paid request per click: a report, not a book
+        raise _error(f"A report is {longest:,} characters long; at most {MAX_REPORT_CHARS:,} are sent. Paste the "
+                     "findings and impression sections only.", title="Report too long")
+    return followup, intended
+
+
+def describe(prior_report, followup_report, intended_change, backend="auto"):
+    """Two reports (or a report and an intended change) -> (description, which backend wrote it)."""
+    followup, intended = _report_inputs(prior_report, followup_report, intended_change)
     try:
         res = describe_progression(prior_report, followup, intended_change=intended, backend=backend)
+        check_answer(res.text, res.backend)  # the answer is checked as a typed description: never run or re-sent
     except (ValueError, ProgressionError) as e:
         raise _error(str(e), title="Could not describe the change") from None
     if res.backend == "openai":
@@ -441,7 +637,7 @@ def describe(prior_report, followup_report, intended_change, backend="auto"):
         used = f"{who} via OpenAI-compatible API (model {res.model}){' — cached answer' if res.cached else ''}"
     else:
         used = "offline rule-based differ"
-    return res.text, f"Written by: **{used}**. Edit it freely before generating."
+    return redact(res.text), f"Written by: **{used}**. Edit it freely before generating."
 
 
 def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler,
@@ -450,22 +646,21 @@ def run_journey(prior_file, journey_text, steps, guidance, image_guidance, seed,
     """A sequence of descriptions -> filmstrip, animated GIF and downloads (one sample per step)."""
     from biomedjourney.service import run_journey as journey_service
 
+    _started(request)
     _check_description(journey_text, "journey")
     duration_ms = _number(duration_ms, "duration_ms")
     try:
         journey.parse_journey(journey_text)
     except ValueError as e:
         raise _error(str(e), title="Cannot read the journey") from None
-    loaded = _read_prior(prior_file)
+    loaded = _read_prior(prior_file, request)
     sampler = _sampler(steps, guidance, image_guidance, scheduler, strength, transfer)
     seed = _seed(seed, randomise)
     pipe = get_pipe()
-    try:
+    with _guard("The journey", disk=True):
         r = journey_service(pipe, loaded, journey_text, seed=seed, sampler=sampler, out=_run_folder(request, "journey"),
                             frame_ms=int(duration_ms),
                             on_step=lambda i, total: progress((i, total), desc="Generating the journey", unit="steps"))
-    except ValueError as e:
-        raise _error(str(e), title="Invalid settings") from None
     settings = {"steps": [{"label": lab, "description": d, **o.settings} for (lab, d), o in zip(r.steps, r.results)],
                 "seed": seed, "frame_ms": int(duration_ms), "disclaimer": NOTICE}
     shown = [str(r.filmstrip), str(r.gif)]
@@ -516,7 +711,8 @@ EXAMPLES_NOTE = ("<sub>With 'Draw the finding from radiological knowledge' (the 
 
 def build_demo() -> gr.Blocks:
     """The whole UI (built on first use of app.demo or by main(), not at import)."""
-    with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(3600, 24 * 3600)) as demo:
+    # gradio's own copies (uploads of sessions that never ended cleanly, served results): gone within ~70 minutes
+    with gr.Blocks(title="BiomedJourney: counterfactual chest X-rays", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# BiomedJourney\nUpload a prior chest X-ray, describe a change, and see synthetic "
                     "follow-up images with maps of what changed and how sure the model is.")
         gr.Markdown(DISCLAIMER, elem_id="disclaimer")
@@ -659,9 +855,13 @@ def build_demo() -> gr.Blocks:
                                                 file_count="multiple", interactive=False)
                         journey_json = gr.JSON(label="Seeds and settings", open=False)
 
-        gr.Markdown(f"<sub>{NOTICE} Images you upload are processed in memory; results are kept in a temporary "
-                    "folder for this session only. DICOM patient identifiers are never read into the app.</sub>")
+        gr.Markdown(f"<sub>{NOTICE} Uploads (at most {MAX_UPLOAD_MB} MB) and results are kept for this session "
+                    "only and removed when you close the page. DICOM patient identifiers are never read into the "
+                    "app.</sub>")
 
+        _checked_by_handler(num_images, steps, guidance, image_guidance, strength, duration, scheduler, region, backend,
+                            *composer)
+        prior_file._process_single_file = _any_prior_file
         # ---------------------------------------------------------------- events
         prior_file.change(preview_prior, prior_file, [preview, prior_info], api_name="preview")
         description.change(read_findings, description, chips, queue=False, show_progress="hidden",
@@ -677,7 +877,7 @@ def build_demo() -> gr.Blocks:
                        strength, transfer, region, render, paint, canvas],
             [gallery, slider, heat_gallery, mean_img, std_img, settings_json, files, zip_file, seed, state,
              chips, plan_notes, mask_preview],
-            api_name="generate", scroll_to_output=True, concurrency_id="model",
+            api_name="generate", scroll_to_output=True, concurrency_id="model", concurrency_limit=MODEL_CONCURRENCY,
             show_progress_on=[gallery, slider])  # progress and errors here, not over the seed box
         gallery.select(compare, state, slider, api_visibility="private", queue=False)
         describe_btn.click(describe, [prior_report, followup_report, intended_change, backend],
@@ -687,13 +887,16 @@ def build_demo() -> gr.Blocks:
             run_journey, [prior_file, journey_text, steps, guidance, image_guidance, seed, randomise, scheduler, duration,
                           strength, transfer],
             [strip_img, gif_img, journey_json, journey_files, journey_zip, seed], api_name="journey",
-            concurrency_id="model", show_progress_on=[strip_img, gif_img])
+            concurrency_id="model", concurrency_limit=MODEL_CONCURRENCY, show_progress_on=[strip_img, gif_img])
         demo.load(on_load, None, [num_images, steps, guidance, image_guidance, strength, transfer, seed, scheduler,
                                   region, render, model_status],
                   api_visibility="private")
         demo.unload(_cleanup_session)
 
-    demo.queue(default_concurrency_limit=1)  # one run at a time per event; generate + journey share "model"
+    # one run at a time per event; generate + journey share "model" (limited by _limit_model_jobs); gradio's own bound on
+    # everything queued (previews too) is a backstop above it
+    demo.queue(default_concurrency_limit=1, max_size=4 * QUEUE_MAX)
+    _limit_model_jobs(demo)
     return demo
 
 
@@ -713,9 +916,14 @@ def __getattr__(name):  # app.demo (tests, Hugging Face Spaces, `gradio app.py`)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def launch_options() -> dict:
+    """What a launch passes (main, which a Space runs too; tests that serve the app): the look and the upload limit."""
+    return {"theme": THEME, "css": CSS, "max_file_size": f"{MAX_UPLOAD_MB}mb"}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    get_demo().launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS)
+    get_demo().launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 
 
 if __name__ == "__main__":

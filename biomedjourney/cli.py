@@ -14,11 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import NOTICE
 from .config import SCHEDULER_NAMES
+
+
+def _number(text: str) -> int | float:
+    """A command-line number as typed (int when it is one); its range is checked with the other settings
+    (service.check_settings), so '--seed 2.5' and '--steps -3' get the same message as through the API."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prior", required=True, help="prior chest X-ray: PNG, JPEG or DICOM file")
     g.add_argument("--text", required=True, help='progression description, e.g. "New right pleural effusion."')
     g.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    g.add_argument("--num-images", type=int, default=None, help="how many follow-ups (default: the model's, 4)")
-    g.add_argument("--seed", type=int, default=None, help="base seed; image i uses seed+i (default 0)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    g.add_argument("--num-images", type=_number, default=None, help="how many follow-ups (default: the model's, 4)")
+    g.add_argument("--seed", type=_number, default=None, help="base seed; image i uses seed+i (default 0)")
+    g.add_argument("--steps", type=_number, default=None, help="denoising steps (default: the model's)")
     g.add_argument("--guidance-scale", type=float, default=None, help="text guidance: higher follows the text more")
     g.add_argument("--image-guidance-scale", type=float, default=None, help="image guidance: higher stays closer to the prior")
     g.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the model's)")
@@ -87,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--steps", required=True,
                    help='"day 3: new right lower lobe consolidation; day 7: increasing right consolidation"')
     j.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--seed", type=_number, default=0)
     j.add_argument("--model", default=None, help="model folder or Hugging Face Hub id (default: the shipped model)")
     j.add_argument("--region", choices=["auto", "off"], default=None)
     j.add_argument("--render", choices=["on", "off"], default=None)
@@ -104,40 +117,60 @@ def _read_mask(path: Path, size: int):
     return to_model_input(read_image(path).pixels, size=size).astype(np.float32)
 
 
+def _fail(message) -> int:
+    """One line on stderr, 'error: ...' (control characters escaped, the OpenAI key never shown); exit code 2."""
+    from .imaging import printable
+    print(f"error: {printable(redact(str(message)), 2000)}", file=sys.stderr)
+    return 2
+
+
+def redact(text: str) -> str:
+    """``text`` with the configured OpenAI API key (OPENAI_API_KEY) replaced by '[redacted]'."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    return text.replace(key, "[redacted]") if len(key) >= 8 else text
+
+
+def _write_failed(e: OSError, out: Path) -> int:
+    return _fail(f"could not write the results to {out}: {e.strerror or e}. Nothing was left half-written under a "
+                 "final name; free some disk space (or choose another --out) and run again.")
+
+
 def _generate(a) -> int:
     from .imaging import ImageLoadError
-    from .pipeline import BiomedJourneyPipeline
-    from .service import export_followups, generate_followups, load_prior
-    try:
-        loaded, warnings = load_prior(a.prior)
-    except ImageLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    try:
-        pipe = BiomedJourneyPipeline.from_pretrained(a.model, device=a.device)
-        painted = None if a.mask is None else _read_mask(a.mask, pipe.resolution)
-    except (FileNotFoundError, OSError, ImageLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .service import (ModelLoadError, check_description, check_settings, export_followups, generate_followups,
+                          load_pipeline, load_prior)
     sampler = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
                    image_guidance_scale=a.image_guidance_scale, scheduler=a.scheduler, strength=a.strength,
                    negative_prompt=a.negative_prompt,
                    change_transfer=None if a.change_transfer is None else a.change_transfer == "on")
+    try:  # everything the user typed is checked before the model is loaded
+        check_description(a.text)
+        check_settings(a.seed, a.num_images, sampler)
+        loaded, warnings = load_prior(a.prior)
+    except ValueError as e:  # ImageLoadError is a ValueError
+        return _fail(e)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    try:
+        pipe = load_pipeline(a.model, device=a.device)
+        painted = None if a.mask is None else _read_mask(a.mask, pipe.resolution)
+    except (ModelLoadError, ImageLoadError) as e:
+        return _fail(e)
     try:
         r = generate_followups(pipe, loaded, a.text, seed=a.seed, num_images=a.num_images, sampler=sampler,
                                region=a.region, painted_mask=painted,
                                render=None if a.render is None else a.render == "on")
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     r.settings["seconds"] = round(r.seconds, 2)
     for note in r.plan.notes:
         print(f"note: {note}", file=sys.stderr)
     from .imaging import dicom_study_uid
-    ex = export_followups(r, a.out, source=loaded if not hasattr(loaded, "shape") else None, dicom=a.dicom,
-                          heatmaps=a.heatmaps, study_uid=dicom_study_uid(a.prior) if a.same_study else None)
+    try:
+        ex = export_followups(r, a.out, source=loaded if not hasattr(loaded, "shape") else None, dicom=a.dicom,
+                              heatmaps=a.heatmaps, study_uid=dicom_study_uid(a.prior) if a.same_study else None)
+    except OSError as e:
+        return _write_failed(e, a.out)
     print(NOTICE)
     print(f"findings: {'; '.join(r.plan.chips()) or 'none recognised'} · edit region: {r.plan.mask_source}")
     for line in r.plan.rendered:
@@ -152,12 +185,24 @@ def _describe(a) -> int:
     from .progression import describe_progression
     try:
         r = describe_progression(a.prior_report, a.followup_report, intended_change=a.intended_change, backend=a.backend)
+        check_answer(r.text, r.backend)
     except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     print(r.text)
     print(json.dumps({"backend": r.backend, "model": r.model, "cached": r.cached}), file=sys.stderr)
     return 0
+
+
+def check_answer(text: str, backend: str) -> str:
+    """A written description checked as a typed one is (service.check_description): an LLM answer that is empty,
+    too long or holds control characters (a prompt-injected report, say) is refused, never used or run."""
+    from .service import check_description
+    try:
+        return check_description(text)
+    except ValueError as e:
+        who = "The LLM's answer" if backend == "openai" else "The written description"
+        raise ValueError(f"{who} is not a usable description ({e}) Write the description yourself, or use the "
+                         "rule-based writer (--backend rules).") from None
 
 
 def _anatomy(a) -> int:
@@ -165,16 +210,19 @@ def _anatomy(a) -> int:
 
     from .anatomy import binary_masks, overlay, segment
     from .imaging import ImageLoadError, read_image, to_model_input
+    from .atomic import atomic_write
     try:
         loaded = read_image(a.prior)
     except ImageLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     anat = segment(loaded)
-    a.out.mkdir(parents=True, exist_ok=True)
-    for name, m in binary_masks(anat).items():
-        Image.fromarray(m).save(a.out / f"{name}.png")
-    overlay(to_model_input(loaded.pixels, size=256), anat).save(a.out / "overlay.png")
+    pictures = {f"{name}.png": Image.fromarray(m) for name, m in binary_masks(anat).items()}
+    pictures["overlay.png"] = overlay(to_model_input(loaded.pixels, size=256), anat)
+    try:
+        for name, im in pictures.items():
+            atomic_write(a.out / name, lambda tmp, im=im: im.save(tmp, format="PNG"))
+    except OSError as e:
+        return _write_failed(e, a.out)
     for w in anat.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"anatomy source: {anat.source} -> {a.out} (right_lung.png, left_lung.png, heart.png, overlay.png)")
@@ -182,17 +230,17 @@ def _anatomy(a) -> int:
 
 
 def _journey(a) -> int:
-    from .imaging import ImageLoadError
-    from .pipeline import BiomedJourneyPipeline
-    from .service import load_prior, run_journey
+    from .service import ModelLoadError, check_settings, load_pipeline, load_prior, run_journey
     try:
+        check_settings(a.seed, None, {})
         loaded, warnings = load_prior(a.prior)
-        pipe = BiomedJourneyPipeline.from_pretrained(a.model, device=a.device)
+        pipe = load_pipeline(a.model, device=a.device)
         r = run_journey(pipe, loaded, a.steps, seed=a.seed, region=a.region, out=a.out,
                         render=None if a.render is None else a.render == "on")
-    except (ImageLoadError, FileNotFoundError, OSError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        return _write_failed(e, a.out)
+    except (ModelLoadError, ValueError, TypeError) as e:
+        return _fail(e)
     for w in warnings + [n for s in r.results for n in s.plan.notes]:
         print(f"note: {w}", file=sys.stderr)
     print(NOTICE)

@@ -14,7 +14,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from . import NOTICE
-from .imaging import PROGRESSION_LABEL, LoadedImage, atomic_write, save_png, write_dicom
+from .imaging import PROGRESSION_LABEL, SYNTHETIC_DESCRIPTION, LoadedImage, atomic_write, save_png, write_dicom
 from .pipeline import GenerationOutput, _public_model_id
 
 _FREE_TEXT_KEYS = ("prompt", "negative_prompt")  # user text, never treated as a path
@@ -78,10 +78,15 @@ def save_outputs(out: GenerationOutput, folder: str | Path, *, prompt: str | Non
                                      when=when))
     if heatmaps and out.prior is not None:
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
 
         from .heatmaps import output_figures
+        info = PngInfo()  # the maps are of generated images: marked like them (tests/test_hostile.py checks every file)
+        info.add_text("Software", "BiomedJourney")
+        info.add_text("Description", f"{SYNTHETIC_DESCRIPTION} Change map of the generated follow-ups.")
         for name, fig in output_figures(out.prior, out.images, out.seeds).items():
-            paths.append(atomic_write(folder / name, lambda tmp, fig=fig: Image.fromarray(fig).save(tmp, format="PNG")))
+            paths.append(atomic_write(folder / name, lambda tmp, fig=fig: Image.fromarray(fig).save(
+                tmp, format="PNG", pnginfo=info)))
     text = json.dumps({"notice": NOTICE, **public, "files": [*extra_files, *(p.name for p in paths)]},
                       indent=2, default=str) + "\n"
     sidecar = atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(text))

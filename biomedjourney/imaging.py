@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import struct
@@ -72,6 +73,16 @@ _XRAY_MODALITIES = {"CR", "DX", "DR", "RG", "OT", "SC", ""}  # OT/SC: scans of r
 _CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", ""}
 _COLOUR_SPREAD = 16 / 255   # a pixel is "coloured" when its channels differ by more than this
 _STRONG_COLOUR = 0.05       # fraction of coloured pixels above which the image is a photo/figure
+
+
+def _without_decoder_tracebacks(record: logging.LogRecord) -> bool:
+    """pydicom logs every decoder plugin's failure with its traceback (LOGGER.exception) before raising one error
+    that lists them all; read_image turns that error into an ImageLoadError, so a damaged upload is one message,
+    not a traceback in the server log. Other pydicom records pass."""
+    return record.exc_info is None
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_without_decoder_tracebacks)
 
 
 class ImageLoadError(ValueError):
@@ -135,7 +146,7 @@ def _read_bytes(src: Any) -> bytes:
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
-            raise ImageLoadError(f"Could not find the image file '{path.name}'. "
+            raise ImageLoadError(f"Could not find the image file '{printable(path.name)}'. "
                                  "Check the file name and upload it again.")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -156,6 +167,18 @@ def _read_bytes(src: Any) -> bytes:
         raise ImageLoadError(f"The file is larger than the {MAX_FILE_BYTES // 2**20} MB limit. "
                              "Export a smaller image (one frame, PNG or JPEG).")
     return data
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """``text`` fit for a message or a log line: control and bidi-override characters shown as escapes
+    (``\\x1b``, ``\\u202e``) so that a hostile file name cannot rewrite a terminal, a log or the page; at most
+    ``limit`` characters."""
+    out = "".join(c if c.isprintable() and c not in BIDI_CONTROLS else c.encode("unicode_escape").decode("ascii")
+                  for c in str(text))
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # embeddings, overrides, isolates
 
 
 def _describe(data: bytes) -> str:
@@ -214,6 +237,7 @@ def _from_pil(im: Image.Image, fmt: str) -> tuple[np.ndarray, dict]:
         # RGBA / LA / P / PA / La / RGBa: composite over black, then ITU-R 601 luma ('L')
         if mode in ("RGBA", "LA", "P", "PA", "La", "RGBa") or "transparency" in im.info:
             rgba = im.convert("RGBA")
+            meta["transparent_fraction"] = round(float(np.mean(np.asarray(rgba.getchannel("A")) < 255)), 4)
             black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
             rgb = Image.alpha_composite(black, rgba).convert("RGB")
         else:  # RGB, CMYK, YCbCr, LAB, HSV
@@ -307,11 +331,21 @@ def _maybe_dicom_without_preamble(data: bytes) -> Dataset | None:
 
 
 def _from_dicom(data: bytes, ds: Dataset | None = None) -> tuple[np.ndarray, dict]:
+    try:
+        return _read_dicom(data, ds)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a header value pydicom cannot convert (IS 'x', a 1-byte US, ...)
+        raise ImageLoadError(f"The DICOM header is damaged ({printable(e, 160)}). Export the image again from "
+                             "the PACS and re-upload.") from None
+
+
+def _read_dicom(data: bytes, ds: Dataset | None) -> tuple[np.ndarray, dict]:
     ds = _dicom_with_image(data, ds)
     meta = _dicom_meta(ds)
     ts = _transfer_syntax(ds)
     meta["transfer_syntax"] = f"{ts.name} ({ts})"
-    arr = _dicom_pixel_array(ds, ts, meta["frames"])
+    arr = _dicom_pixel_array(ds, ts, meta)
     if meta["frames"] > 1:
         meta["frame_used"] = 0
     pixels = _dicom_pixels(arr, ds, meta)
@@ -347,18 +381,45 @@ def _transfer_syntax(ds: Dataset):
     return ds.file_meta.TransferSyntaxUID
 
 
-def _dicom_pixel_array(ds: Dataset, ts, frames: int) -> np.ndarray:
-    """The stored pixels (the first frame of a multi-frame file); decoder failures as ImageLoadError."""
+def _dicom_pixel_array(ds: Dataset, ts, meta: dict) -> np.ndarray:
+    """The stored pixels (the first frame of a multi-frame file); decoder failures as ImageLoadError.
+    Pixel data longer than the header says (trailing padding) is used, and said in ``meta``."""
+    if not ts.is_transfer_syntax:
+        raise ImageLoadError(f"The DICOM file names an unknown transfer syntax ({printable(ts)}), so its image "
+                             "cannot be decoded. Export it as uncompressed DICOM, PNG or JPEG.")
+    if not ts.is_compressed:
+        _check_pixel_length(ds, meta)
     try:
-        return pydicom.pixels.pixel_array(ds, index=0 if frames > 1 else None)
+        return pydicom.pixels.pixel_array(ds, index=0 if meta["frames"] > 1 else None)
     except Exception as e:  # noqa: BLE001 - decoder plugins raise their own types
         if not ts.is_compressed:
             raise ImageLoadError(
-                f"The DICOM image data is incomplete or damaged ({str(e)[:160]}). The file may have "
+                f"The DICOM image data is incomplete or damaged ({printable(e, 160)}). The file may have "
                 "been cut off; export it again and re-upload.") from None
         raise ImageLoadError(
             f"Could not decode the DICOM image, which is compressed as {ts.name} ({ts}): "
-            f"{str(e)[:160]}. Export it as uncompressed DICOM, PNG or JPEG.") from None
+            f"{printable(e, 160)}. Export it as uncompressed DICOM, PNG or JPEG.") from None
+
+
+def _check_pixel_length(ds: Dataset, meta: dict) -> None:
+    """Native (uncompressed) pixel data against what Rows x Columns x frames x samples x bits promise."""
+    data = ds.get("PixelData")
+    try:
+        bits = int(ds.BitsAllocated)
+        expected = (int(ds.Rows) * int(ds.Columns) * meta["frames"] * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * bits + 7) // 8
+    except (AttributeError, TypeError, ValueError):  # Bits Allocated missing or not a number
+        raise ImageLoadError("The DICOM header does not say how its pixels are stored (Bits Allocated missing or "
+                             "invalid). Export it again from the PACS.") from None
+    if not isinstance(data, (bytes, bytearray)):
+        return  # float pixel data or a deferred read: pydicom checks those
+    if len(data) < expected:
+        raise ImageLoadError(
+            f"The DICOM image data is incomplete or damaged: its header describes {ds.Columns}×{ds.Rows} pixels × "
+            f"{meta['frames']} frame(s) at {bits} bits ({expected:,} bytes), but the file holds {len(data):,} bytes. "
+            "The file was cut off or its header is wrong; export it again and re-upload.")
+    if len(data) > expected + 1:  # one byte: the even-length padding DICOM requires
+        meta["pixel_data_excess"] = len(data) - expected
 
 
 def _dicom_pixels(arr: np.ndarray, ds: Dataset, meta: dict) -> np.ndarray:
@@ -546,6 +607,12 @@ def cxr_warnings(img: LoadedImage) -> list[str]:
                    "grey range); check the window or the export settings.")
     if m.get("frames", 1) > 1:
         out.append(f"The file has {m['frames']} frames; only the first was used.")
+    if m.get("transparent_fraction", 0) > 0.001:
+        out.append(f"{m['transparent_fraction']:.0%} of the image is transparent; those pixels were filled with "
+                   "black. Export the radiograph without transparency if that is not what you meant.")
+    if m.get("pixel_data_excess"):
+        out.append(f"The DICOM pixel data is {m['pixel_data_excess']:,} bytes longer than its header says; the "
+                   "extra bytes were ignored. Check the image looks right.")
     if m.get("synthetic"):
         out.append("This image is marked SYNTHETIC (generated, e.g. by BiomedJourney), not an "
                    "acquired radiograph.")

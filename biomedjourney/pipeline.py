@@ -140,6 +140,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or kwargs.pop("torch_dtype", None) or (torch.float16 if device.type == "cuda" else torch.float32)
         kwargs.setdefault("local_files_only", local)
+        kwargs.setdefault("use_safetensors", True)   # never unpickle: a folder with only .bin weights is refused
         pipe = super().from_pretrained(str(folder) if local else src, dtype=dtype, **kwargs)
         if not isinstance(pipe, BiomedJourneyPipeline):
             raise TypeError(f"{src} holds a {type(pipe).__name__}, not a BiomedJourneyPipeline")

@@ -12,8 +12,10 @@ low strength (SDEdit); every such image says so in its settings and sidecar.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +25,7 @@ import torch
 
 from .config import NO_CHANGE
 from .findings import Finding, extract, render as render_text
-from .imaging import LoadedImage, cxr_warnings, read_image
+from .imaging import BIDI_CONTROLS, ImageLoadError, LoadedImage, cxr_warnings, read_image
 
 # Images per finding in the shipped model's training data (NIH labels of the shared dataset's 930 NIH images,
 # the only labelled source; assets/MODEL_CARD.md): a finding with few gets a visible note, never silence.
@@ -32,6 +34,8 @@ TRAINING_IMAGES = {"pneumonia": 476, "opacity": 178, "atelectasis": 113, "pulmon
                    "cardiomegaly": 16, "pneumothorax": 11, "emphysema": 8, "fibrosis": 7, "hernia": 3}
 RARE_BELOW = 50
 REGIONS = ("auto", "off")  # auto: the findings' region (both lungs for a finding with no place); off: whole film
+MAX_DESCRIPTION_CHARS = 2000  # a description (or a journey) is a few findings, not a report: longer is refused
+SEED_MAX = 2**63 - 1          # torch.Generator.manual_seed takes 0 .. 2**64 - 1; seeds[i] = seed + i stays below
 
 
 @dataclass
@@ -159,9 +163,80 @@ def _add_renderings(plan: EditPlan, prior_img: np.ndarray, drawable: list[Findin
         plan.mask = np.maximum(plan.mask, rs[0].mask).astype(np.float32)
 
 
+class ModelLoadError(RuntimeError):
+    """A model folder (or Hub id) that cannot be loaded; the message names it, says why and what to do."""
+
+
+def load_pipeline(model: str | None = None, device: str | None = None):
+    """``BiomedJourneyPipeline.from_pretrained(model)`` from safetensors weights only: a folder holding pickled
+    weights (``*.bin``) is refused, never unpickled. Any failure (missing, truncated or mismatched weights, a bad
+    config) -> ModelLoadError with the folder's public name (no local path) and the fix."""
+    from .imaging import printable
+    from .pipeline import BiomedJourneyPipeline, _public_model_id
+    try:
+        return BiomedJourneyPipeline.from_pretrained(model, device=device, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError, SafetensorError, ...
+        src = str(model) if model else ""
+        name = _public_model_id(src) if src else "the default model"
+        reason = printable(str(e).replace(src, name) if src else e, 400)
+        raise ModelLoadError(f"The model '{name}' could not be loaded: {reason} A model folder holds model_index.json "
+                             "and unet/, vae/, scheduler/, text_encoder/ with safetensors weights: export or download "
+                             "it again, or use another one.") from None
+
+
+EMPTY_DESCRIPTION = "The description is empty: write the change you want to see, e.g. 'New right pleural effusion.'"
+
+
+def check_description(text: Any, what: str = "description", allow_empty: bool = False) -> str:
+    """The description stripped, or ValueError naming the problem and the fix: not text, empty (unless
+    ``allow_empty``), longer than MAX_DESCRIPTION_CHARS, or holding control / bidi-override characters (they would
+    reach the sidecar, the DICOM and the logs; a right-to-left script or an emoji is fine)."""
+    if not isinstance(text, str):
+        raise ValueError(f"The {what} must be text, got {type(text).__name__}.")
+    t = text.strip()
+    if not t and not allow_empty:
+        raise ValueError(EMPTY_DESCRIPTION.replace("description", what, 1))
+    if len(t) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"The {what} is {len(t):,} characters long; at most {MAX_DESCRIPTION_CHARS:,} are accepted. "
+                         "Shorten it to the findings that change.")
+    bad = sorted({c for c in t if (unicodedata.category(c) == "Cc" and c not in "\t\n\r") or c in BIDI_CONTROLS})
+    if bad:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in bad[:5])
+        raise ValueError(f"The {what} contains control characters ({codes}); remove them and type or paste plain text.")
+    return t
+
+
+def _whole(value: Any, name: str, lo: int, hi: int) -> int:
+    """An int (or a whole float) in [lo, hi]; ValueError naming the setting otherwise."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and math.isfinite(value) and float(value).is_integer() and lo <= value <= hi
+    if not ok:
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}.")
+    return int(value)
+
+
+def check_settings(seed: Any, num_images: Any, sampler: dict) -> tuple[int | None, int | None]:
+    """(seed, num_images) checked before any work (None: the model's default), and the sampler's numbers:
+    whole steps, finite guidance and strength. ValueError naming the setting and its range otherwise."""
+    from .pipeline import MAX_IMAGES
+    n = None if num_images is None else _whole(num_images, "num_images", 1, MAX_IMAGES)
+    seed = None if seed is None else _whole(seed, "seed", 0, SEED_MAX - (n or MAX_IMAGES))
+    if sampler.get("num_inference_steps") is not None:
+        _whole(sampler["num_inference_steps"], "num_inference_steps", 1, 1000)
+    for key in ("guidance_scale", "image_guidance_scale", "strength"):
+        v = sampler.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                              or not math.isfinite(v)):
+            raise ValueError(f"{key} must be a finite number, got {v!r}.")
+    return seed, n
+
+
 def load_prior(prior: Any) -> tuple[LoadedImage | np.ndarray, list[str]]:
     """A path / bytes / LoadedImage / array -> what the pipeline takes, with warnings about the image."""
     if isinstance(prior, np.ndarray):
+        if prior.dtype.kind not in "biuf" or prior.size == 0 or not np.isfinite(prior).all():
+            raise ImageLoadError("The prior array is empty, not numeric or holds NaN / infinite values; pass an "
+                                 "(H, W) image in [0, 1].")
         return prior, []
     loaded = prior if isinstance(prior, LoadedImage) else read_image(prior)
     return loaded, cxr_warnings(loaded)
@@ -173,6 +248,8 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
     """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's."""
     from .pipeline import progress_callback
     d = pipe.defaults
+    empty = not check_description(description, allow_empty=True)  # the API may ask for no text (evaluation does)
+    seed, num_images = check_settings(seed, num_images, sampler or {})
     loaded, warnings = load_prior(prior)
     prior_img = pipe.prepare_prior(loaded)
     n = d.num_images if num_images is None else int(num_images)
@@ -181,6 +258,8 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
     render = d.render if render is None else bool(render)
     plan = plan_edit(prior_img, description, seeds, region=region or d.region, painted_mask=painted_mask,
                      render=render)
+    if empty:
+        plan.notes.insert(0, EMPTY_DESCRIPTION + " Without one the model gets no text and the whole film may change.")
     kw = dict(sampler or {})
     if plan.renderings is not None and kw.get("strength") is None:
         # SDEdit harmonisation of the drawing: a low strength keeps its shape (at least one denoising step)
@@ -246,6 +325,8 @@ def run_journey(pipe, prior: Any, journey_text: str, *, seed: int = 0, sampler: 
     from . import journey as jr
     from .imaging import save_png
     from .pipeline import denoising_steps
+    if not isinstance(journey_text, str) or journey_text.strip():  # an empty one: parse_journey says how to write it
+        check_description(journey_text, "journey")
     plan = jr.parse_journey(journey_text)
     loaded, _ = load_prior(prior)
     d, kw = pipe.defaults, dict(sampler or {})

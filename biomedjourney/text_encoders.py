@@ -119,7 +119,7 @@ class MiniLMTextEncoder(TextEncoder):
         self.model_path = model_path
         self.package_version, self.weights_sha256 = _check_minilm(folder, package_version, weights_sha256)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         n_pos = self.model.config.max_position_embeddings
         if not 1 <= max_length <= n_pos:
             raise ValueError(f"max_length={max_length} must be in [1, {n_pos}] (the model's position table)")

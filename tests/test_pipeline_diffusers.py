@@ -172,3 +172,18 @@ def test_init_image_starts_the_described_trajectory_from_that_picture(pipe, prio
         np.testing.assert_allclose(im, np.clip(prior + box * (x - y + detail), 0, 1), atol=2e-4)
     same = pipe(prior, NO_CHANGE, init_image=rendered, **kw)
     assert not np.allclose(same.images[0], prior)   # a rendering is a change even under the no-change text
+
+
+def test_from_pretrained_never_unpickles(tmp_path, monkeypatch):
+    """A folder whose UNet has only pickled (.bin) weights is refused, not unpickled."""
+    import pickle
+    from safetensors.torch import load_file
+    from biomedjourney.pipeline import tiny_pipeline
+    folder = tiny_pipeline(seed=0).save_pretrained(tmp_path / "m")
+    st = next((folder / "unet").glob("*.safetensors"))
+    torch.save(load_file(st), folder / "unet" / "diffusion_pytorch_model.bin")   # the test makes the pickle
+    st.unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
+    with pytest.raises((OSError, EnvironmentError, ValueError)):
+        BiomedJourneyPipeline.from_pretrained(folder)
