@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import NOTICE
 from .config import SCHEDULER_NAMES
+from .findings.client import redact  # noqa: F401  (the app imports it from here too)
 
 
 def _number(text: str) -> int | float:
@@ -122,12 +122,6 @@ def _fail(message) -> int:
     from .imaging import printable
     print(f"error: {printable(redact(str(message)), 2000)}", file=sys.stderr)
     return 2
-
-
-def redact(text: str) -> str:
-    """``text`` with the configured OpenAI API key (OPENAI_API_KEY) replaced by '[redacted]'."""
-    key = os.environ.get("OPENAI_API_KEY", "").strip()
-    return text.replace(key, "[redacted]") if len(key) >= 8 else text
 
 
 def _write_failed(e: OSError, out: Path) -> int:

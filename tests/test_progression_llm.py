@@ -363,3 +363,16 @@ def test_auto_uses_openai_when_configured(monkeypatch, stub, tmp_path):
     assert len(stub.requests) == 1
     monkeypatch.setenv("BIOMEDJOURNEY_LLM_CACHE", "off")
     assert LLMConfig.from_env().cache_path is None
+
+
+def test_failure_message_never_carries_the_api_key(monkeypatch):
+    """A server that echoes the key in its error: the Python API's message has it redacted too."""
+    import httpx
+    import openai
+    from biomedjourney.findings.client import LLMConfig, failure_message
+    key = "sk-test-SECRET-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    resp = httpx.Response(401, request=httpx.Request("POST", "http://x/v1/chat/completions"))
+    err = openai.AuthenticationError(f"Incorrect API key provided: {key}", response=resp, body=None)
+    msg = failure_message(err, LLMConfig())
+    assert key not in msg and "[redacted]" in msg and "OPENAI_API_KEY" in msg

@@ -62,8 +62,19 @@ def complete(client, config: LLMConfig, error: type[Exception], messages: list[d
         raise error(failure_message(e, config)) from e
 
 
+def redact(text: str) -> str:
+    """``text`` with the configured OpenAI API key (OPENAI_API_KEY) replaced by '[redacted]'."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    return text.replace(key, "[redacted]") if len(key) >= 8 else text
+
+
 def failure_message(e: Exception, config: LLMConfig) -> str:
-    """What went wrong with a request once the SDK stopped retrying, and what to do about it."""
+    """What went wrong with a request once the SDK stopped retrying, and what to do about it (key redacted:
+    a server may echo it)."""
+    return redact(_failure_message(e, config))
+
+
+def _failure_message(e: Exception, config: LLMConfig) -> str:
     import openai
     where = config.base_url or "api.openai.com"
     attempts = f"{config.max_retries + 1} attempt(s)"
