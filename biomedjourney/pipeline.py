@@ -486,12 +486,12 @@ def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings,
     """Change transfer: prior + sample(prompt) - sample(NO_CHANGE) (+ `residual`: a start picture's detail in place of
     the prior's); a mask keeps the prior outside it."""
     n = r.n
+    m = 1.0 if mask_image is None else mask_image.astype(np.float32)
     if r.transfer:
         extra = residual if residual is not None else [0.0] * n
-        m = 1.0 if mask_image is None else mask_image.astype(np.float32)
         return [np.clip(prior_img + m * (a - b + e), 0.0, 1.0) for a, b, e in zip(images[:n], images[n:], extra)]
     if mask_image is not None:
-        return [np.clip(prior_img + _masked(a - prior_img, mask_image), 0.0, 1.0) for a in images]
+        return [np.clip(prior_img + m * (a - prior_img), 0.0, 1.0) for a in images]
     return images
 
 
@@ -511,10 +511,6 @@ def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.T
     e_full: text+prior, e_image: prior only, e_uncond: neither. s_T = s_I = 1 gives e_full.
     """
     return e_uncond + image_scale * (e_image - e_uncond) + text_scale * (e_full - e_image)
-
-
-def _masked(change: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return change * mask.astype(np.float32)
 
 
 def _weights_sha256(folder: Path, digits: int = 16) -> str:

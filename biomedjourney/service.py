@@ -168,13 +168,13 @@ class ModelLoadError(RuntimeError):
 
 
 def load_pipeline(model: str | None = None, device: str | None = None):
-    """``BiomedJourneyPipeline.from_pretrained(model)`` from safetensors weights only: a folder holding pickled
-    weights (``*.bin``) is refused, never unpickled. Any failure (missing, truncated or mismatched weights, a bad
+    """``BiomedJourneyPipeline.from_pretrained(model)`` (safetensors weights only: a folder holding pickled
+    weights (``*.bin``) is refused there, never unpickled). Any failure (missing, truncated or mismatched weights, a bad
     config) -> ModelLoadError with the folder's public name (no local path) and the fix."""
     from .imaging import printable
     from .pipeline import BiomedJourneyPipeline, _public_model_id
     try:
-        return BiomedJourneyPipeline.from_pretrained(model, device=device, use_safetensors=True)
+        return BiomedJourneyPipeline.from_pretrained(model, device=device)
     except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError, SafetensorError, ...
         src = str(model) if model else ""
         name = _public_model_id(src) if src else "the default model"
