@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--render", choices=["on", "off"], default=None,
                    help="on: draw the finding from radiological knowledge first, then let the model harmonise it "
                         "(clearly labelled in the sidecar); off: the model alone (default: the model's)")
+    g.add_argument("--noise-opt-steps", type=_number, default=None,
+                   help="initial-noise optimisation steps towards the described findings with the model's guidance "
+                        "model (0 = off; each step costs about one extra generation; default: the model's)")
 
     d = sub.add_parser("describe", help="write a progression description from two reports",
                        description="Turn a prior report and a follow-up report (or an intended change) into a short "
@@ -153,7 +156,7 @@ def _generate(a) -> int:
     try:
         r = generate_followups(pipe, loaded, a.text, seed=a.seed, num_images=a.num_images, sampler=sampler,
                                region=a.region, painted_mask=painted,
-                               render=None if a.render is None else a.render == "on")
+                               render=None if a.render is None else a.render == "on", noise_opt_steps=a.noise_opt_steps)
     except (ValueError, TypeError) as e:
         return _fail(e)
     r.settings["seconds"] = round(r.seconds, 2)

@@ -99,6 +99,8 @@ class SamplerConfig:
     render: bool = False                        # draw the findings the weights cannot draw from radiological knowledge
                                                 #   first, then let the model harmonise them (SDEdit)
     render_strength: float = 0.4                # the strength used to harmonise such a drawing: low keeps its shape
+    noise_opt_steps: int = 0                    # >0: initial-noise optimisation steps towards the described findings
+                                                #   (the model's guidance model; pipeline.NoiseOptimization); 0: off
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "sampler") -> "SamplerConfig":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
 from .config import NO_CHANGE, ModelConfig, SamplerConfig, to_dict, write_json
+from .guidance import GuidanceModel, finding_loss, identity_loss
 from .imaging import LoadedImage, read_image, to_model_input
 from .model import SCHEDULERS, build_unet, build_vae, make_scheduler, to_vae_input, training_scheduler_config
 from .text_encoders import ENCODERS, TextEncoder, TinyTextEncoder, build_text_encoder
@@ -62,18 +64,38 @@ class GenerationOutput(BaseOutput):
     mask: np.ndarray | None = None           # (R, R) the edit mask used (None: the whole film)
 
 
+@dataclass
+class NoiseOptimization:
+    """Initial-noise optimisation (the causal-disentanglement paper's long-tail lever; as InitNO, Guo et al. 2024,
+    arXiv:2404.04650, optimises the initial latent): a few Adam steps on each image's initial noise so that the
+    guidance model (``guidance.GuidanceModel``, trained apart from the evaluators) finds ``targets`` in the predicted
+    clean result of the first denoising step, while its identity embedding keeps the patient. The noise is
+    renormalised to its starting norm after every step (it stays a plausible Gaussian draw)."""
+    targets: dict[str, float]        # guidance label -> wanted probability (1: the finding appears, 0: it goes)
+    steps: int = 3                   # Adam steps (each one UNet forward + backward over all guidance branches)
+    lr: float = 0.3                  # Adam step size on the unit-variance noise (the objective plateaus by ~4 steps)
+    identity_weight: float = 1.0     # weight of 1 - cos(identity(result), identity(prior))
+    max_seconds: float = 20.0        # stop before a step that would end past this budget
+
+
 class BiomedJourneyPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents"]
+    _optional_components = ["guidance_model"]
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler, text_encoder: TextEncoder,
-                 resolution: int = 256, aspect: str = "crop", sampler: dict | None = None):
+                 guidance_model: GuidanceModel | None = None, resolution: int = 256, aspect: str = "crop",
+                 sampler: dict | None = None):
         super().__init__()
         lc = vae.config.latent_channels
         if unet.config.in_channels != 2 * lc:
             raise ValueError(f"UNet expects {unet.config.in_channels} input channels, got {lc}+{lc} "
                              f"(noisy latent + prior latent of a {lc}-channel autoencoder)")
-        self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text_encoder.eval())
+        if guidance_model is not None and guidance_model.config.latent_channels != lc:
+            raise ValueError(f"guidance model reads {guidance_model.config.latent_channels}-channel latents, the "
+                             f"autoencoder makes {lc}")
+        self.register_modules(unet=unet.eval(), vae=vae.eval(), scheduler=scheduler, text_encoder=text_encoder.eval(),
+                              guidance_model=None if guidance_model is None else guidance_model.eval())
         self.register_to_config(resolution=int(resolution), aspect=aspect,
                                 sampler=to_dict(SamplerConfig.from_dict(sampler or {})))
         self.info: dict = {}          # provenance, saved as biomedjourney.json
@@ -119,9 +141,10 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         folder = Path(save_directory)
         pipe = self
         if dtype is not None:
+            gm = None if self.guidance_model is None else _copy_to(self.guidance_model, dtype)
             pipe = type(self)(unet=_copy_to(self.unet, dtype), vae=_copy_to(self.vae, dtype), scheduler=self.scheduler,
-                              text_encoder=self.text_encoder, resolution=self.resolution, aspect=self.config.aspect,
-                              sampler=dict(self.config.sampler))
+                              text_encoder=self.text_encoder, guidance_model=gm, resolution=self.resolution,
+                              aspect=self.config.aspect, sampler=dict(self.config.sampler))
         DiffusionPipeline.save_pretrained(pipe, folder, safe_serialization=True, **kwargs)
         index = json.loads((folder / "model_index.json").read_text())
         index["text_encoder"] = ["biomedjourney.text_encoders", ENCODERS[self.text_encoder.spec()["name"]].__name__]
@@ -256,7 +279,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                  callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None,
                  prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 negative_prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 noise_optimization: NoiseOptimization | None = None):
         """Generate `num_images` follow-ups of `prior` (None: text-only, stage-1 mode) described by `prompt`.
 
         Unset settings come from `self.defaults` (shipped with the model). `prompt_embeds` = precomputed
@@ -268,7 +292,9 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         ((R, R), or (B, R, R): one per image): the trajectory starts from this picture noised to `strength` instead
         of the prior (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al.
         2022, arXiv:2108.01073); the NO_CHANGE reference still starts from the prior (same noise), and change
-        transfer adds the start picture's fine detail in place of the prior's (`_residuals`)."""
+        transfer adds the start picture's fine detail in place of the prior's (`_residuals`). `noise_optimization`:
+        the initial noise is first optimised towards its targets by the guidance model (`NoiseOptimization`); what
+        it did goes in settings['noise_optimization']."""
         r = self._resolve(prior is None, dict(num_images=num_images, num_inference_steps=num_inference_steps,
                                               guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                                               scheduler=scheduler, strength=strength, negative_prompt=negative_prompt,
@@ -278,8 +304,9 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         r = replace(r, from_start=init_image is not None and r.transfer)  # the start's detail, not the prior's (step 5)
         self.check_inputs(prompt, r.n, r.steps, r.g_text, r.g_img, r.scheduler, r.strength, r.negative_prompt,
                           mask_image, init_image, output_type)
+        self._check_noise_optimization(noise_optimization, r)
         settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
-                    "init_image": init_image is not None, "resolution": self.resolution,
+                    "init_image": init_image is not None, "noise_optimization": None, "resolution": self.resolution,
                     "model": _public_model_id(self.model_id), "model_sha256": self.model_sha256,
                     "biomedjourney_version": __version__}
         prior_img = None if r.text_only else self.prepare_prior(prior)
@@ -301,9 +328,13 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         sched.set_timesteps(r.steps, device=self.device)
         timesteps = self.get_timesteps(sched, r.steps, r.strength)
         latents, noise, generator = self._initial_latents(sched, timesteps, start_lat, generator, r)
-        # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
         step = dict(sched=sched, timesteps=timesteps, noise=noise, image_cond=image_cond, emb=emb, emb_mask=emb_mask,
                     prior_lat=prior_lat, latent_mask=latent_mask, generator=generator)
+        if noise_optimization is not None:  # 3b. the initial noise, optimised towards the guidance targets
+            noise, settings["noise_optimization"] = self._optimise_noise(noise, start_lat, step, r, noise_optimization)
+            latents = self._noised(sched, timesteps, start_lat, noise, r)
+            step["noise"] = noise
+        # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
         latents = self._denoise(latents, step, r, callback_on_step_end,
                                 callback_on_step_end_tensor_inputs or self._callback_tensor_inputs)
         # 5. Decode; change transfer: prior + sample(prompt) - sample(NO_CHANGE) (from a start picture, with its
@@ -325,11 +356,73 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                              dtype=torch.float32).to(self.device, self.dtype).repeat(r.k, 1, 1, 1)   # (kB, C, h, w)
         if r.k == 2:  # the NO_CHANGE trajectory replays every image's random numbers (ancestral samplers)
             generator = generator + [_clone(g) for g in generator]
+        return self._noised(sched, timesteps, start_lat, noise, r), noise, generator
+
+    def _noised(self, sched, timesteps, start_lat, noise, r: "_Settings") -> torch.Tensor:
+        """The first latents: the start picture noised to the first timestep (img2img), or pure noise."""
         if len(timesteps) < len(sched.timesteps):
-            latents = sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(r.k * r.n)).to(self.dtype)
-        else:
-            latents = noise * sched.init_noise_sigma
-        return latents, noise, generator
+            return sched.add_noise(start_lat.float(), noise.float(), timesteps[:1].repeat(r.k * r.n)).to(self.dtype)
+        return noise * sched.init_noise_sigma
+
+    def _check_noise_optimization(self, opt: NoiseOptimization | None, r: "_Settings") -> None:
+        if opt is None:
+            return
+        if self.guidance_model is None:
+            raise ValueError("noise optimisation needs a guidance model, and this model folder has none: train one "
+                             "with train/train_guidance.py, or turn noise optimisation off")
+        if r.text_only:
+            raise ValueError("noise optimisation keeps the prior's identity: it needs a prior")
+        if not 1 <= opt.steps <= 50 or not opt.lr > 0 or not opt.max_seconds > 0 or opt.identity_weight < 0:
+            raise ValueError(f"noise optimisation needs 1 <= steps <= 50, lr > 0, max_seconds > 0 and identity_weight"
+                             f" >= 0; got steps {opt.steps}, lr {opt.lr}, max_seconds {opt.max_seconds}, "
+                             f"identity_weight {opt.identity_weight}")
+        unknown = sorted(set(opt.targets) - set(self.guidance_model.labels))
+        if not opt.targets or unknown:
+            raise ValueError(f"noise optimisation targets {unknown or 'none'}: the guidance model knows "
+                             f"{', '.join(self.guidance_model.labels)}")
+
+    def _optimise_noise(self, noise, start_lat, s: dict, r: "_Settings", opt: NoiseOptimization):
+        """Adam on each image's initial noise (shared by its NO_CHANGE reference: change transfer still cancels the
+        model's blur). Objective: the guidance model's BCE against the targets on the predicted clean result of the
+        first step (prior + change, the prior outside the mask) + identity_weight x its identity distance to the
+        prior. Returns (noise (kB, C, h, w), report: steps done, seconds, objective before each step)."""
+        t0, gm, n = time.perf_counter(), self.guidance_model, r.n
+        y, known = gm.targets(opt.targets)
+        t = s["timesteps"][0]
+        ac = s["sched"].alphas_cumprod.to(self.device)[t].float()
+        a, sg = ac.sqrt(), (1 - ac).sqrt()            # VP noise level of the first step (the UNet's training inputs)
+        eps = noise[:n].detach().float().clone().requires_grad_(True)                        # (B, C, h, w)
+        norm = eps.detach().flatten(1).norm(dim=1)[:, None, None, None]
+        adam = torch.optim.Adam([eps], lr=opt.lr)
+        objective, last = [], 0.0
+        for _ in range(opt.steps):
+            if time.perf_counter() - t0 + last > opt.max_seconds:
+                break
+            ts = time.perf_counter()
+            with torch.enable_grad():
+                x = a * start_lat.float() + sg * eps.repeat(r.k, 1, 1, 1)                    # (kB, C, h, w)
+                pred = self._guided_prediction(x.to(self.dtype), t, s["image_cond"], s["emb"], s["emb_mask"], r)
+                x0 = a * x - sg * pred if self.scheduler.config.prediction_type == "v_prediction" else (x - sg * pred) / a
+                result = self._predicted_result(x0, s, r)                                   # (B, C, h, w)
+                loss = (finding_loss(gm, result.to(gm.dtype), y, known)
+                        + opt.identity_weight * identity_loss(gm, result.to(gm.dtype), s["prior_lat"][:n].to(gm.dtype))).mean()
+                eps.grad = torch.autograd.grad(loss, eps)[0]
+            adam.step()
+            with torch.no_grad():
+                eps.mul_(norm / eps.flatten(1).norm(dim=1)[:, None, None, None])
+            objective.append(round(float(loss), 5))
+            last = time.perf_counter() - ts
+        report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
+                  "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight}
+        return eps.detach().to(self.dtype).repeat(r.k, 1, 1, 1), report
+
+    def _predicted_result(self, x0: torch.Tensor, s: dict, r: "_Settings") -> torch.Tensor:
+        """The clean result a prediction implies, in latents: prior + (text - NO_CHANGE) with change transfer, the
+        prior outside the mask."""
+        prior = s["prior_lat"][:r.n].float()
+        out = prior + x0[:r.n] - x0[r.n:] if r.transfer else x0[:r.n]
+        m = s["latent_mask"]
+        return out if m is None else m.float() * out + (1 - m.float()) * prior
 
     def _denoise(self, latents: torch.Tensor, s: dict, r: "_Settings", callback, names: list[str]) -> torch.Tensor:
         """The sampling loop. s: sched, timesteps, noise, image_cond, emb, emb_mask, prior_lat, latent_mask, generator.
@@ -372,8 +465,11 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         return prior_lat, torch.cat([zi] + [prior_lat[r.n:]] * (r.k - 1))      # the NO_CHANGE reference: the prior
 
     def _guided_eps(self, sched, latents, t, image_cond, emb, emb_mask, r: "_Settings") -> torch.Tensor:
-        x = sched.scale_model_input(torch.cat([latents] * r.branches), t)                     # (branches*kB, C, h, w)
-        x = torch.cat([x, image_cond], dim=1)                                                  # (branches*kB, 2C, h, w)
+        return self._guided_prediction(sched.scale_model_input(latents, t), t, image_cond, emb, emb_mask, r)
+
+    def _guided_prediction(self, x, t, image_cond, emb, emb_mask, r: "_Settings") -> torch.Tensor:
+        """The guided model output (epsilon or v) for scaled model inputs x (kB, C, h, w): one batched UNet call."""
+        x = torch.cat([torch.cat([x] * r.branches), image_cond], dim=1)                        # (branches*kB, 2C, h, w)
         eps = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=emb_mask).sample.float()
         if r.text_only:
             e_text, e_unc = eps.chunk(2)
@@ -574,6 +670,6 @@ def tiny_pipeline(seed: int = 0) -> BiomedJourneyPipeline:
     return pipe
 
 
-__all__ = ["BiomedJourneyPipeline", "GenerationOutput", "default_model_path", "dual_guidance", "assemble",
+__all__ = ["BiomedJourneyPipeline", "GenerationOutput", "NoiseOptimization", "default_model_path", "dual_guidance", "assemble",
            "denoising_steps", "progress_callback", "read_defaults",
            "tiny_pipeline", "build_pipeline", "tiny_model_config", "SCHEDULERS"]

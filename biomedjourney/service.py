@@ -244,8 +244,10 @@ def load_prior(prior: Any) -> tuple[LoadedImage | np.ndarray, list[str]]:
 
 def generate_followups(pipe, prior: Any, description: str, *, seed: int | None = None, num_images: int | None = None,
                        sampler: dict | None = None, region: str | None = None, painted_mask: np.ndarray | None = None,
-                       render: bool | None = None, on_step: Callable[[int], None] | None = None) -> FollowUps:
-    """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's."""
+                       render: bool | None = None, on_step: Callable[[int], None] | None = None,
+                       noise_opt_steps: int | None = None) -> FollowUps:
+    """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's.
+    ``noise_opt_steps`` > 0: the initial noise is first optimised towards the described findings (guidance_targets)."""
     from .pipeline import progress_callback
     d = pipe.defaults
     empty = not check_description(description, allow_empty=True)  # the API may ask for no text (evaluation does)
@@ -261,6 +263,8 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
     if empty:
         plan.notes.insert(0, EMPTY_DESCRIPTION + " Without one the model gets no text and the whole film may change.")
     kw = dict(sampler or {})
+    steps_opt = d.noise_opt_steps if noise_opt_steps is None else _whole(noise_opt_steps, "noise_opt_steps", 0, 50)
+    kw["noise_optimization"] = noise_optimization(pipe, plan, steps_opt)
     if plan.renderings is not None and kw.get("strength") is None:
         # SDEdit harmonisation of the drawing: a low strength keeps its shape (at least one denoising step)
         steps = kw.get("num_inference_steps") or d.num_inference_steps
@@ -271,6 +275,30 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
     settings = {**out.settings, **plan.sidecar()}
     return FollowUps(images=out.images, prior=out.prior, seeds=out.seeds, settings=settings, plan=plan,
                      warnings=warnings, seconds=time.perf_counter() - t0)
+
+
+# a finding's change -> the probability noise optimisation asks the guidance model for
+_TARGET_OF_CHANGE = {"new": 1.0, "increased": 1.0, "decreased": 0.0, "resolved": 0.0}
+
+
+def noise_optimization(pipe, plan: EditPlan, steps: int):
+    """The pipeline's NoiseOptimization for the plan's findings (None when off or impossible, with a note saying why).
+    New / increased findings are asked for (1), decreased / resolved ones asked away (0), unchanged ones left alone."""
+    if steps <= 0:
+        return None
+    from .pipeline import NoiseOptimization
+    gm = getattr(pipe, "guidance_model", None)
+    if gm is None:
+        plan.notes.append("Noise optimisation is on, but this model has no guidance model "
+                          "(train/train_guidance.py); generated without it.")
+        return None
+    targets = {f.name: _TARGET_OF_CHANGE[f.change] for f in plan.findings
+               if f.change in _TARGET_OF_CHANGE and f.name in gm.labels}
+    if not targets:
+        plan.notes.append("Noise optimisation: no described change is one the guidance model knows "
+                          f"({', '.join(gm.labels)}); generated without it.")
+        return None
+    return NoiseOptimization(targets=targets, steps=steps)
 
 
 @dataclass

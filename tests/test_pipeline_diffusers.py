@@ -25,7 +25,8 @@ def test_diffusion_pipeline_loads_the_folder_through_its_custom_pipeline_file(pi
     folder = pipe.save_pretrained(tmp_path / "m")
     generic = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)
     assert type(generic).__name__ == "BiomedJourneyPipeline"
-    assert set(generic.components) == {"unet", "vae", "scheduler", "text_encoder"}
+    assert set(generic.components) == {"unet", "vae", "scheduler", "text_encoder", "guidance_model"}
+    assert generic.guidance_model is None  # optional: a folder without one loads without one
     ours = BiomedJourneyPipeline.from_pretrained(folder, device="cpu")
     a = generic(prior, TEXT, num_images=1, seed=2, num_inference_steps=3)
     b = ours(prior, TEXT, num_images=1, seed=2, num_inference_steps=3)

@@ -171,3 +171,21 @@ def test_conditioning_dropout_proportions_match_instructpix2pix():
     assert abs(text.float().mean().item() - 0.10) < 0.004 and abs(image.float().mean().item() - 0.10) < 0.004
     _, image1 = conditioning_dropout(1000, tc, stage=1, g=torch.Generator().manual_seed(0))
     assert image1.all()
+
+
+def test_stage2_with_consistency_losses_canonical_text_and_sqrt_sampling_trains(tiny_prep, tmp_path):
+    from biomedjourney.guidance import GuidanceModel
+    from train.config import load_config
+    from train.train import train
+    torch.manual_seed(0)
+    GuidanceModel(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+                  time_channels=8).save_pretrained(tmp_path / "gm")
+    cfg = load_config("tiny")
+    tc = cfg.stage2
+    tc.steps, tc.text, tc.sampling = 3, "canonical", "sqrt"
+    tc.guidance_model, tc.identity_weight, tc.pathology_weight, tc.consistency_max_t = str(tmp_path / "gm"), 1.0, 1.0, 1000
+    r = train(cfg, 2, tiny_prep, tiny_prep / "vae", tmp_path / "run", curriculum=False)
+    assert r["steps"] == 3 and np.isfinite(r["final_loss"])
+    tc.guidance_model = ""
+    with pytest.raises(SystemExit, match="guidance_model"):
+        train(cfg, 2, tiny_prep, tiny_prep / "vae", tmp_path / "run2", curriculum=False)

@@ -63,6 +63,14 @@ class DiffusionTrain:
                                        #   per-finding inverse square-root / inverse frequency weights (the image's,
                                        #   stage 2: the follow-up's rarest finding; Kang et al. 2020 arXiv:1910.09217,
                                        #   Mahajan et al. 2018 arXiv:1805.00932); train/data.py sampling_weights
+    text: str = "raw"                  # 'raw': the manifest's descriptions | 'canonical': each read into findings and
+                                       #   rendered back (biomedjourney.findings), the form the app's composer writes
+    guidance_model: str = ""           # stage 2: a guidance model folder (train/train_guidance.py) for the two
+                                       #   consistency losses below (identity-pathology separation, causal-
+                                       #   disentanglement paper 2025); frozen
+    identity_weight: float = 0.0       # x (1 - cos) of identity(predicted clean follow-up) vs identity(prior)
+    pathology_weight: float = 0.0      # x BCE of the guidance classifier on the predicted clean follow-up vs its labels
+    consistency_max_t: int = 400       # both losses only on rows noised below this timestep (a sharp clean estimate)
 
 
 @dataclass

@@ -5,6 +5,7 @@ whose ENCODER is identical, e.g. the decoder-fine-tuned one), with the sampler d
     python train/ship.py --export work/runs/demo-cpu/stage2/export --to assets/biomedjourney-cxr --config demo-cpu
     python train/ship.py --export work/runs/demo-cpu/stage1/export --vae work/runs/demo-cpu/vae-ft/vae --to assets/baselines/stage1
     python train/ship.py --export assets/biomedjourney-cxr --to assets/biomedjourney-cxr --config demo-cpu   # new defaults only
+    python train/ship.py --export assets/biomedjourney-cxr --to assets/biomedjourney-cxr --guidance-model GM  # + guidance model
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--to", required=True, type=Path)
     ap.add_argument("--vae", type=Path, default=None, help="autoencoder folder to ship instead (same encoder)")
     ap.add_argument("--note", default="", help="added to the model's info")
+    ap.add_argument("--guidance-model", type=Path, default=None,
+                    help="a train/train_guidance.py export to ship as the pipeline's guidance_model component")
     ap.add_argument("--config", default=None,
                     help="training preset (name or YAML) whose sampler: block becomes the shipped defaults "
                          "(default: keep the export's)")
@@ -43,6 +46,10 @@ def main(argv=None):
             raise SystemExit(f"{a.vae} has a different encoder (max weight difference {drift:.3g}): latents would not match")
         pipe.vae = vae
         pipe.info["autoencoder"] = str(a.vae)
+    if a.guidance_model is not None:
+        from biomedjourney.guidance import GuidanceModel
+        pipe.register_modules(guidance_model=GuidanceModel.from_pretrained(a.guidance_model, torch_dtype=torch.float32).eval())
+        pipe.info["guidance_model"] = str(a.guidance_model)
     if a.note:
         pipe.info["note"] = a.note
     if a.config:

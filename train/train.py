@@ -47,7 +47,10 @@ from biomedjourney.pipeline import BiomedJourneyPipeline, assemble
 from biomedjourney.text_encoders import TextEncoder, build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import DiffusionTrain, RunConfig, config_dict, load_config
+from biomedjourney.findings import extract, render
+from biomedjourney.guidance import GuidanceModel, finding_loss, identity_loss
 from train.data import draw_batch, sampling_weights, stack_images, step_generator, to_float
+from train.train_guidance import label_arrays
 from train.manifest import manifest_hash, read_manifest
 
 
@@ -64,8 +67,15 @@ def training_rows(data: Path, stage: int, register: bool, split: str = "train") 
         if r["split"] != split or (register and not r["kept"]):
             continue
         out.append(dict(target=r["followup"], prior=r["prior"] if register else r["prior_original"], text=r["text"],
-                        labels=r.get("followup_labels", "")))
+                        labels=r.get("followup_labels", ""), source=r.get("source", "")))
     return out
+
+
+def canonical_text(text: str) -> str:
+    """A description read into findings and rendered back (the app's canonical form); kept as written when no
+    finding is recognised (a narrative note) or empty."""
+    findings = extract(text) if text.strip() else []
+    return render(findings) if findings else text
 
 
 @torch.no_grad()
@@ -222,6 +232,7 @@ class Trainee:
     opt: torch.optim.Optimizer
     lr_sched: torch.optim.lr_scheduler.LRScheduler
     noise_sched: DDPMScheduler
+    guidance: GuidanceModel | None = None  # frozen, for the consistency losses (tc.guidance_model)
 
     def ema_weights(self) -> UNet2DConditionModel:
         """The UNet with the EMA weights (copied in now)."""
@@ -259,7 +270,13 @@ def build_trainee(cfg: RunConfig, tc: DiffusionTrain, stage: int, vae: Autoencod
     model, opt = acc.prepare(unet, opt)
     raw = acc.unwrap_model(model)
     ema.to(acc.device)
-    return Trainee(model, raw, ema, copy.deepcopy(raw).requires_grad_(False), opt, lr_sched, noise_sched)
+    guidance = None
+    if tc.guidance_model and (tc.identity_weight or tc.pathology_weight):
+        guidance = GuidanceModel.from_pretrained(tc.guidance_model, torch_dtype=torch.float32)
+        guidance = guidance.to(acc.device).eval().requires_grad_(False)
+    elif tc.identity_weight or tc.pathology_weight:
+        raise SystemExit("identity_weight / pathology_weight need stage2.guidance_model (train/train_guidance.py)")
+    return Trainee(model, raw, ema, copy.deepcopy(raw).requires_grad_(False), opt, lr_sched, noise_sched, guidance)
 
 
 def resume_trainee(t: Trainee, ckdir: Path, resume: str | None, tc: DiffusionTrain, acc: Accelerator) -> int:
@@ -298,8 +315,10 @@ def make_batch(b: torch.Tensor, idx: dict, cache: dict, tc: DiffusionTrain, stag
     return z, prior, cache["text_emb"][ti].float(), cache["text_mask"][ti].long()  # + (B, T, D), (B, T)
 
 
-def diffusion_loss(t: Trainee, acc: Accelerator, prediction_type: str, batch: tuple, g: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's prediction on a noised batch and its target (epsilon or v)."""
+def diffusion_loss(t: Trainee, acc: Accelerator, prediction_type: str, batch: tuple, g: torch.Generator,
+                   consistency: tuple | None = None) -> torch.Tensor:
+    """MSE between the UNet's prediction on a noised batch and its target (epsilon or v); with ``consistency``
+    (tc, targets (B, L), known (B, L)) plus the identity / pathology consistency losses."""
     z, prior, emb, mask = batch
     noise = torch.randn(z.shape, generator=g)
     ts = torch.randint(0, t.noise_sched.config.num_train_timesteps, (len(z),), generator=g)
@@ -309,7 +328,40 @@ def diffusion_loss(t: Trainee, acc: Accelerator, prediction_type: str, batch: tu
     with acc.autocast():
         pred = t.model(x, ts.to(acc.device), encoder_hidden_states=emb.to(acc.device),
                        encoder_attention_mask=mask.to(acc.device)).sample
-    return F.mse_loss(pred.float(), target.to(acc.device))
+    loss = F.mse_loss(pred.float(), target.to(acc.device))
+    if consistency is None or t.guidance is None:
+        return loss
+    tc, y, known = consistency
+    known = known & ~(z == prior).flatten(1).all(1)[:, None]  # identity rows: the target is the prior, not the follow-up
+    x0 = predicted_clean(t.noise_sched, noisy.to(acc.device), pred.float(), ts.to(acc.device), prediction_type)
+    return loss + consistency_loss(t.guidance, x0, prior.to(acc.device), ts.to(acc.device), y, known, tc)
+
+
+def predicted_clean(sched: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, ts: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """The clean latent a prediction implies: x0 = sqrt(a) x_t - sqrt(1-a) v (v-pred) or (x_t - sqrt(1-a) eps) / sqrt(a)."""
+    a = sched.alphas_cumprod.to(noisy.device)[ts][:, None, None, None]                  # (B, 1, 1, 1)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * noisy - (1 - a).sqrt() * pred
+    return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+
+
+def consistency_loss(gm: GuidanceModel, x0: torch.Tensor, prior: torch.Tensor, ts: torch.Tensor, y: torch.Tensor,
+                     known: torch.Tensor, tc: DiffusionTrain) -> torch.Tensor:
+    """Identity-pathology separation as group supervision (causal-disentanglement paper, 2025): on rows noised below
+    tc.consistency_max_t, the predicted clean follow-up keeps its prior's identity embedding (the same-patient group)
+    and the frozen guidance classifier finds the follow-up's own findings in it (the same-finding group). Rows whose
+    prior is dropped (zero latent) take no identity term."""
+    low = ts < tc.consistency_max_t                                                   # (B,)
+    if not low.any():
+        return x0.sum() * 0
+    with_prior = low & (prior.flatten(1).abs().sum(1) > 0)
+    loss = x0.sum() * 0
+    if tc.identity_weight and with_prior.any():
+        loss = loss + tc.identity_weight * identity_loss(gm, x0[with_prior], prior[with_prior]).sum() / low.sum()
+    if tc.pathology_weight:
+        loss = loss + tc.pathology_weight * finding_loss(gm, x0[low], y[low.cpu()].to(x0), known[low.cpu()]).mean()
+    return loss
 
 
 def optimise(t: Trainee, acc: Accelerator, loss: torch.Tensor, max_grad_norm: float) -> None:
@@ -383,6 +435,10 @@ def load_stage_data(acc: Accelerator, cfg: RunConfig, stage: int, data: Path, re
     tc = cfg.stage1 if stage == 1 else cfg.stage2
     rows = training_rows(data, stage, register)
     val_rows = training_rows(data, stage, register, split="val")[: tc.val_pairs]
+    if tc.text == "canonical":
+        rows, val_rows = ([dict(r, text=canonical_text(r["text"])) for r in x] for x in (rows, val_rows))
+    elif tc.text != "raw":
+        raise SystemExit(f"text {tc.text!r}: expected 'raw' or 'canonical'")
     if not rows:
         raise SystemExit(f"No stage-{stage} training rows in {data}: run train/prepare_data.py first")
     path = cache_file or cache_path_for(data, stage, register, vae_path, cfg.model.text_encoder, cache_folder)
@@ -418,11 +474,13 @@ def run_steps(t: Trainee, acc: Accelerator, cfg: RunConfig, stage: int, d: Stage
     bar = tqdm(total=tc.steps, initial=step, desc=f"stage {stage}", disable=not acc.is_main_process)
     t.model.train()
     weights = sampling_weights([r.get("labels", "") for r in d.rows], tc.sampling)  # None: uniform
+    labels = label_arrays(d.rows, t.guidance.labels) if t.guidance is not None else None
     while step < tc.steps:
         g = step_generator(cfg.seed, step, acc.process_index)
         b = draw_batch(len(d.rows), tc.batch_size, step, cfg.seed, acc.process_index, acc.num_processes, weights)
         batch = make_batch(b, d.idx, d.cache, tc, stage, g, d.empty, d.no_change)
-        loss = diffusion_loss(t, acc, cfg.model.prediction_type, batch, g)
+        consistency = None if labels is None else (tc, labels[0][b], labels[1][b])
+        loss = diffusion_loss(t, acc, cfg.model.prediction_type, batch, g, consistency)
         optimise(t, acc, loss, tc.max_grad_norm)
         step += 1
         log.window.append(loss.detach())

@@ -1,0 +1,135 @@
+"""The guidance model, initial-noise optimisation and the identity / pathology consistency losses, on tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from biomedjourney.guidance import GUIDANCE_LABELS, GuidanceModel, dataset_targets, finding_loss, identity_loss
+from biomedjourney.pipeline import BiomedJourneyPipeline, NoiseOptimization, tiny_pipeline
+
+
+def _tiny_guidance(seed: int = 0) -> GuidanceModel:
+    torch.manual_seed(seed)
+    return GuidanceModel(latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4, time_channels=8).eval()
+
+
+@pytest.fixture(scope="module")
+def gpipe():
+    p = tiny_pipeline(seed=0)
+    p.register_modules(guidance_model=_tiny_guidance())
+    return p
+
+
+def test_identity_loss_is_zero_for_identical_images_and_grows_with_a_shift():
+    gm = _tiny_guidance()
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    same = identity_loss(gm, z, z.clone())
+    assert same.shape == (3,) and same.abs().max() < 1e-5
+    shifted = identity_loss(gm, torch.roll(z, 3, dims=3), z)
+    other = identity_loss(gm, torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), z)
+    assert (shifted > 1e-4).all() and (other > 1e-4).all()
+
+
+def test_finding_loss_masks_unknown_labels_and_prefers_the_right_answer():
+    gm = _tiny_guidance()
+    z = torch.randn(2, 4, 8, 8)
+    p = torch.sigmoid(gm(z, 0).logits)
+    known = torch.zeros(len(gm.labels), dtype=torch.bool)
+    known[0] = True
+    y_right, y_wrong = (p[:, 0] > 0.5).float(), (p[:, 0] <= 0.5).float()
+    full = lambda y: torch.cat([y[:, None], torch.full((2, len(gm.labels) - 1), 0.5)], 1)  # noqa: E731
+    assert (finding_loss(gm, z, full(y_right), known) < finding_loss(gm, z, full(y_wrong), known)).all()
+    # only the known label counts: changing the others changes nothing
+    assert torch.allclose(finding_loss(gm, z, full(y_right), known),
+                          finding_loss(gm, z, torch.cat([y_right[:, None], torch.ones(2, len(gm.labels) - 1)], 1), known))
+
+
+def test_dataset_targets_leave_labels_a_source_never_reports_unknown():
+    y, known = dataset_targets(["Effusion", "Infiltration"], {"Effusion", "Infiltration", "No Finding"})
+    i = {n: k for k, n in enumerate(GUIDANCE_LABELS)}
+    assert y[i["pleural effusion"]] == 1 and y[i["opacity"]] == 1 and y[i["pulmonary edema"]] == 0
+    assert known[i["pleural effusion"]] and not known[i["pulmonary edema"]] and known[i["no finding"]]
+    y, known = dataset_targets(["COVID-19"], {"COVID-19"})
+    assert not any(known)
+
+
+def test_noise_optimisation_lowers_its_objective_and_keeps_its_step_bound(gpipe, prior):
+    opt = NoiseOptimization(targets={"pleural effusion": 1.0}, steps=4, lr=0.5)
+    out = gpipe(prior, "New right pleural effusion.", num_images=2, seed=3, strength=0.6, change_transfer=True,
+                noise_optimization=opt)
+    rep = out.settings["noise_optimization"]
+    assert rep["steps"] == 4 and len(rep["objective"]) == 4
+    assert rep["objective"][-1] < rep["objective"][0]
+    plain = gpipe(prior, "New right pleural effusion.", num_images=2, seed=3, strength=0.6, change_transfer=True)
+    assert plain.settings["noise_optimization"] is None
+    assert max(np.abs(a - b).max() for a, b in zip(out.images, plain.images)) > 1e-4  # the noise did change
+
+
+def test_noise_optimisation_respects_its_time_budget(gpipe, prior):
+    opt = NoiseOptimization(targets={"pleural effusion": 1.0}, steps=10, max_seconds=1e-9)
+    out = gpipe(prior, "New right pleural effusion.", num_images=1, seed=3, noise_optimization=opt)
+    plain = gpipe(prior, "New right pleural effusion.", num_images=1, seed=3)
+    assert out.settings["noise_optimization"]["steps"] == 0
+    np.testing.assert_allclose(out.images[0], plain.images[0], atol=1e-6)  # no step: the same noise
+
+
+def test_noise_optimisation_errors_name_the_problem(pipe, gpipe, prior):
+    with pytest.raises(ValueError, match="guidance model"):
+        pipe(prior, "New effusion.", num_images=1, noise_optimization=NoiseOptimization(targets={"pleural effusion": 1}))
+    with pytest.raises(ValueError, match="knows"):
+        gpipe(prior, "New effusion.", num_images=1, noise_optimization=NoiseOptimization(targets={"hernia": 1}))
+    with pytest.raises(ValueError, match="steps"):
+        gpipe(prior, "New effusion.", num_images=1,
+              noise_optimization=NoiseOptimization(targets={"pleural effusion": 1}, steps=0))
+
+
+def test_guidance_model_is_saved_and_loaded_with_the_pipeline(gpipe, tmp_path, tiny_model_dir):
+    folder = gpipe.save_pretrained(tmp_path / "m")
+    assert (folder / "guidance_model" / "diffusion_pytorch_model.safetensors").is_file()
+    back = BiomedJourneyPipeline.from_pretrained(folder, device="cpu")
+    assert isinstance(back.guidance_model, GuidanceModel) and back.guidance_model.labels == GUIDANCE_LABELS
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(back.guidance_model(z, 0).logits, gpipe.guidance_model(z, 0).logits)
+    assert BiomedJourneyPipeline.from_pretrained(tiny_model_dir, device="cpu").guidance_model is None
+
+
+def test_service_asks_for_new_findings_and_notes_when_it_cannot(gpipe, pipe, prior):
+    from biomedjourney import service
+    r = service.generate_followups(gpipe, prior, "New right pleural effusion. Resolved atelectasis.", seed=0,
+                                   num_images=1, region="off", render=False, noise_opt_steps=2)
+    assert r.settings["noise_optimization"]["targets"] == {"pleural effusion": 1.0, "atelectasis": 0.0}
+    r = service.generate_followups(pipe, prior, "New right pleural effusion.", seed=0, num_images=1, region="off",
+                                   render=False, noise_opt_steps=2)
+    assert r.settings["noise_optimization"] is None and any("no guidance model" in n for n in r.plan.notes)
+    r = service.generate_followups(gpipe, prior, "New hernia.", seed=0, num_images=1, region="off", render=False,
+                                   noise_opt_steps=2)
+    assert any("guidance model knows" in n for n in r.plan.notes)
+    with pytest.raises(ValueError, match="noise_opt_steps"):
+        service.generate_followups(gpipe, prior, "New effusion.", num_images=1, noise_opt_steps=-1)
+
+
+def test_consistency_loss_is_zero_at_high_noise_and_counts_identity_and_findings():
+    from train.config import DiffusionTrain
+    from train.train import consistency_loss
+    gm = _tiny_guidance()
+    tc = DiffusionTrain(identity_weight=1.0, pathology_weight=1.0, consistency_max_t=400)
+    x0, prior = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    y = torch.zeros(4, len(gm.labels))
+    known = torch.ones(4, len(gm.labels), dtype=torch.bool)
+    high = torch.full((4,), 900)
+    assert consistency_loss(gm, x0, prior, high, y, known, tc) == 0
+    low = torch.full((4,), 100)
+    both = consistency_loss(gm, x0, prior, low, y, known, tc)
+    only_path = consistency_loss(gm, prior, prior, low, y, known, tc)  # identical to its prior: no identity term
+    assert both > only_path > 0
+    tc.pathology_weight = 0.0
+    assert consistency_loss(gm, prior, prior, low, y, known, tc).abs() < 1e-5
+
+
+def test_canonical_text_renders_findings_and_keeps_what_it_cannot_read():
+    from train.train import canonical_text
+    assert canonical_text("New Edema. Pneumonia unchanged.") == "New pulmonary edema."
+    assert canonical_text("") == ""
+    note = "Three days cough, myalgias and fever. No recent overseas travel."
+    assert canonical_text(note) == note
