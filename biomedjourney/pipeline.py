@@ -75,6 +75,9 @@ class NoiseOptimization:
     steps: int = 3                   # Adam steps (each one UNet forward + backward over all guidance branches)
     lr: float = 0.3                  # Adam step size on the unit-variance noise (the objective plateaus by ~4 steps)
     identity_weight: float = 1.0     # weight of 1 - cos(identity(result), identity(prior))
+    others_weight: float = 1.0       # weight holding every other finding at its probability on the prior: "this
+                                     #   finding AND NOT the others" (composable guidance, Liu et al. 2022,
+                                     #   arXiv:2206.01714, on the classifier); 'no finding' is left free
     max_seconds: float = 20.0        # stop before a step that would end past this budget
 
 
@@ -372,10 +375,11 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                              "with train/train_guidance.py, or turn noise optimisation off")
         if r.text_only:
             raise ValueError("noise optimisation keeps the prior's identity: it needs a prior")
-        if not 1 <= opt.steps <= 50 or not opt.lr > 0 or not opt.max_seconds > 0 or opt.identity_weight < 0:
-            raise ValueError(f"noise optimisation needs 1 <= steps <= 50, lr > 0, max_seconds > 0 and identity_weight"
-                             f" >= 0; got steps {opt.steps}, lr {opt.lr}, max_seconds {opt.max_seconds}, "
-                             f"identity_weight {opt.identity_weight}")
+        if not 1 <= opt.steps <= 50 or not opt.lr > 0 or not opt.max_seconds > 0 or min(opt.identity_weight,
+                                                                                         opt.others_weight) < 0:
+            raise ValueError(f"noise optimisation needs 1 <= steps <= 50, lr > 0, max_seconds > 0 and weights >= 0; "
+                             f"got steps {opt.steps}, lr {opt.lr}, max_seconds {opt.max_seconds}, identity_weight "
+                             f"{opt.identity_weight}, others_weight {opt.others_weight}")
         unknown = sorted(set(opt.targets) - set(self.guidance_model.labels))
         if not opt.targets or unknown:
             raise ValueError(f"noise optimisation targets {unknown or 'none'}: the guidance model knows "
@@ -384,10 +388,14 @@ class BiomedJourneyPipeline(DiffusionPipeline):
     def _optimise_noise(self, noise, start_lat, s: dict, r: "_Settings", opt: NoiseOptimization):
         """Adam on each image's initial noise (shared by its NO_CHANGE reference: change transfer still cancels the
         model's blur). Objective: the guidance model's BCE against the targets on the predicted clean result of the
-        first step (prior + change, the prior outside the mask) + identity_weight x its identity distance to the
-        prior. Returns (noise (kB, C, h, w), report: steps done, seconds, objective before each step)."""
+        first step (prior + change, the prior outside the mask) + others_weight x its BCE against the prior's own
+        probabilities on every other finding + identity_weight x its identity distance to the prior. Returns (noise (kB, C, h, w), report: steps done, seconds, objective before each step)."""
         t0, gm, n = time.perf_counter(), self.guidance_model, r.n
         y, known = gm.targets(opt.targets)
+        prior_lat = s["prior_lat"][:n].to(gm.dtype)
+        with torch.no_grad():
+            held = torch.sigmoid(gm(prior_lat[:1], 0).logits[0]).cpu()                      # (L,) on the prior
+        others = ~known & torch.tensor([name != "no finding" for name in gm.labels])
         t = s["timesteps"][0]
         ac = s["sched"].alphas_cumprod.to(self.device)[t].float()
         a, sg = ac.sqrt(), (1 - ac).sqrt()            # VP noise level of the first step (the UNet's training inputs)
@@ -404,8 +412,11 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                 pred = self._guided_prediction(x.to(self.dtype), t, s["image_cond"], s["emb"], s["emb_mask"], r)
                 x0 = a * x - sg * pred if self.scheduler.config.prediction_type == "v_prediction" else (x - sg * pred) / a
                 result = self._predicted_result(x0, s, r)                                   # (B, C, h, w)
-                loss = (finding_loss(gm, result.to(gm.dtype), y, known)
-                        + opt.identity_weight * identity_loss(gm, result.to(gm.dtype), s["prior_lat"][:n].to(gm.dtype))).mean()
+                result = result.to(gm.dtype)
+                loss = finding_loss(gm, result, y, known) + opt.identity_weight * identity_loss(gm, result, prior_lat)
+                if opt.others_weight and others.any():
+                    loss = loss + opt.others_weight * finding_loss(gm, result, held, others)
+                loss = loss.mean()
                 eps.grad = torch.autograd.grad(loss, eps)[0]
             adam.step()
             with torch.no_grad():
@@ -413,7 +424,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             objective.append(round(float(loss), 5))
             last = time.perf_counter() - ts
         report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
-                  "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight}
+                  "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight,
+                  "others_weight": opt.others_weight}
         return eps.detach().to(self.dtype).repeat(r.k, 1, 1, 1), report
 
     def _predicted_result(self, x0: torch.Tensor, s: dict, r: "_Settings") -> torch.Tensor:

@@ -279,6 +279,8 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
 
 # a finding's change -> the probability noise optimisation asks the guidance model for
 _TARGET_OF_CHANGE = {"new": 1.0, "increased": 1.0, "decreased": 0.0, "resolved": 0.0}
+# a new finding that is also a broader one (guidance.LABEL_SOURCES: opacity counts consolidation and pneumonia)
+_IMPLIES = {"consolidation": ("opacity",), "pneumonia": ("opacity",)}
 
 
 def noise_optimization(pipe, plan: EditPlan, steps: int):
@@ -294,6 +296,9 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
         return None
     targets = {f.name: _TARGET_OF_CHANGE[f.change] for f in plan.findings
                if f.change in _TARGET_OF_CHANGE and f.name in gm.labels}
+    for name, p in list(targets.items()):  # a new consolidation is a new opacity too (not the other way round)
+        for broader in _IMPLIES.get(name, ()) if p == 1.0 else ():
+            targets.setdefault(broader, 1.0)
     if not targets:
         plan.notes.append("Noise optimisation: no described change is one the guidance model knows "
                           f"({', '.join(gm.labels)}); generated without it.")

@@ -39,3 +39,21 @@ def test_peer_matches_ours_at_equal_settings(bench):
     assert q["ours_equal_vs_ours_equal_nomask (the mask's effect)"]["max_abs"] > 1e-4  # padding is masked in ours
     assert 0 < res["peak_flops"] and "equal-steps overhead" in bench.summary(res)
     assert "peer differences" in bench.report(res)
+
+
+def test_a_model_with_a_guidance_model_gets_the_noise_optimisation_row(bench):
+    import torch
+
+    from biomedjourney.guidance import GuidanceModel
+    from biomedjourney.pipeline import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    torch.manual_seed(0)
+    pipe.register_modules(guidance_model=GuidanceModel(latent_channels=4, block_out_channels=(8, 16),
+                                                       norm_num_groups=4, time_channels=8).eval())
+    r = pipe.resolution
+    req = bench.make_request(pipe, prior=np.random.RandomState(0).rand(r, r).astype(np.float32))
+    res = bench.benchmark(pipe, sizes=(1,), repeats=1, req=req, peer_default_steps=2, equal_steps=2, matmul_size=256)
+    rows = res["sizes"][1]["rows"]
+    assert rows["ours_service_noise_opt"]["unet_calls"] == rows["ours_service"]["unet_calls"] + 3 * bench.NOISE_OPT_STEPS
+    assert "noise-optimisation steps" in bench.summary(res)

@@ -133,3 +133,18 @@ def test_canonical_text_renders_findings_and_keeps_what_it_cannot_read():
     assert canonical_text("") == ""
     note = "Three days cough, myalgias and fever. No recent overseas travel."
     assert canonical_text(note) == note
+
+
+def test_noise_optimisation_holds_the_other_findings_at_the_prior(gpipe, prior):
+    run = lambda w: gpipe(prior, "New right pleural effusion.", num_images=1, seed=5, strength=0.6,  # noqa: E731
+                          noise_optimization=NoiseOptimization(targets={"pleural effusion": 1.0}, steps=1,
+                                                               others_weight=w)).settings["noise_optimization"]
+    free, held = run(0.0), run(1.0)
+    assert held["others_weight"] == 1.0 and held["objective"][0] > free["objective"][0]  # the extra BCE term counts
+
+
+def test_service_asks_for_the_broader_finding_a_new_consolidation_implies(gpipe, prior):
+    from biomedjourney import service
+    r = service.generate_followups(gpipe, prior, "New right upper lobe consolidation.", seed=0, num_images=1,
+                                   region="off", render=False, noise_opt_steps=1)
+    assert r.settings["noise_optimization"]["targets"] == {"consolidation": 1.0, "opacity": 1.0}

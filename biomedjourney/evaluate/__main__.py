@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="same edit-region setting for every row (default: each model's)")
     ap.add_argument("--render", choices=["true", "false"], default=None,
                     help="same knowledge-driven rendering setting for every row (default: each model's)")
+    ap.add_argument("--noise-opt-steps", type=int, default=None,
+                    help="same initial-noise optimisation steps for every row (0 off; default: each model's)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
     ap.add_argument("--no-register-metrics", action="store_true", help="skip SSIM/PSNR against the registered follow-up")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                      negative_prompt=a.negative_prompt, seed=a.seed,
                      change_transfer=None if a.change_transfer is None else a.change_transfer == "true",
                      region=a.region, render=None if a.render is None else a.render == "true",
+                     noise_opt_steps=a.noise_opt_steps,
                      register=not a.no_register_metrics, rows=parse_rows(a.row),
                      shipped_baselines=not a.no_shipped_baselines)
     t0 = time.time()

@@ -42,6 +42,7 @@ class EvalConfig:
     change_transfer: bool | None = None     # None: each model's default (True: prior + the generated change)
     region: str | None = None               # None: each model's default ('auto': only the described region changes)
     render: bool | None = None              # None: each model's default (knowledge-driven rendering, harmonised)
+    noise_opt_steps: int | None = None      # None: each model's default (initial-noise optimisation steps; 0 off)
     seed: int = 0                           # base of the per-pair generation seeds
     register: bool = True                   # also score against the registered follow-up
     grid_pairs: int = 4                     # pairs shown in samples.png
@@ -219,7 +220,8 @@ def generate_row(pipe, pd: PairData, cfg: EvalConfig, text_only: bool, desc: str
             images = pipe(None, pd.texts[i], num_images=cfg.replicates, seed=seed, **sampler).images
         else:          # what a user gets: the service (edit region from the findings, optional rendering)
             images = generate_followups(pipe, pd.prior[i], pd.texts[i], seed=seed, num_images=cfg.replicates,
-                                        sampler=sampler, region=cfg.region, render=cfg.render).images
+                                        sampler=sampler, region=cfg.region, render=cfg.render,
+                                        noise_opt_steps=cfg.noise_opt_steps).images
         reps.append(np.stack(images))                                      # (K, R, R)
     return np.stack(reps, 1), time.time() - t0                             # (K, N, R, R)
 
