@@ -789,9 +789,11 @@ def build_demo() -> gr.Blocks:
                                                       "model; labelled as such in the settings file.")
                             noise_opt = gr.Slider(0, 10, value=_d.noise_opt_steps, step=1,
                                                   label="Noise optimisation steps (guidance model)",
-                                                  info="0 = off. Each step nudges the starting noise so a separately "
-                                                       "trained classifier finds the described finding; about +15 % "
-                                                       "time per step. Measured effect: small (model card).")
+                                                  info="0 = off. Each step nudges the starting noise so that a "
+                                                       "separately trained classifier finds the described finding "
+                                                       "and the patient is kept. The default 4 steps about double the "
+                                                       "time (4 images: 3.8 s instead of 1.9 s on 2 CPU cores); edema "
+                                                       "and pneumonia come out clearer, effusion hardly (model card).")
                             num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
                                                    info="More samples show where the model is unsure (uncertainty map).")
                             steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",

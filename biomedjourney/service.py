@@ -285,7 +285,9 @@ _IMPLIES = {"consolidation": ("opacity",), "pneumonia": ("opacity",)}
 
 def noise_optimization(pipe, plan: EditPlan, steps: int):
     """The pipeline's NoiseOptimization for the plan's findings (None when off or impossible, with a note saying why).
-    New / increased findings are asked for (1), decreased / resolved ones asked away (0), unchanged ones left alone."""
+    New / increased findings are asked for (1), decreased / resolved ones asked away (0), unchanged ones left alone;
+    only findings with >= RARE_BELOW training images, the ones the guidance model had enough examples to learn
+    (a consolidation is guided as the opacity it implies)."""
     if steps <= 0:
         return None
     from .pipeline import NoiseOptimization
@@ -294,14 +296,16 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
         plan.notes.append("Noise optimisation is on, but this model has no guidance model "
                           "(train/train_guidance.py); generated without it.")
         return None
-    targets = {f.name: _TARGET_OF_CHANGE[f.change] for f in plan.findings
-               if f.change in _TARGET_OF_CHANGE and f.name in gm.labels}
-    for name, p in list(targets.items()):  # a new consolidation is a new opacity too (not the other way round)
-        for broader in _IMPLIES.get(name, ()) if p == 1.0 else ():
-            targets.setdefault(broader, 1.0)
+    targets: dict[str, float] = {}
+    for f in plan.findings:
+        p = _TARGET_OF_CHANGE.get(f.change)
+        for name in (f.name, *(_IMPLIES.get(f.name, ()) if p == 1.0 else ())):
+            if p is not None and name in gm.labels and TRAINING_IMAGES.get(name, 0) >= RARE_BELOW:
+                targets.setdefault(name, p)
     if not targets:
-        plan.notes.append("Noise optimisation: no described change is one the guidance model knows "
-                          f"({', '.join(gm.labels)}); generated without it.")
+        known = [n for n in gm.labels if TRAINING_IMAGES.get(n, 0) >= RARE_BELOW]
+        plan.notes.append(f"Noise optimisation guides only findings with at least {RARE_BELOW} training images "
+                          f"({', '.join(known)}); none of them changes in this description, so it was skipped.")
         return None
     return NoiseOptimization(targets=targets, steps=steps)
 

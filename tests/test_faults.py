@@ -169,7 +169,7 @@ def test_an_exception_inside_a_generation_does_not_take_the_app_down(app_module,
     prior = tmp_path / "p.png"
     prior.write_bytes(_png(film()))
     client = Client(app_url, verbose=False, download_files=False)
-    args = (DESCRIPTION, 1, 3, 4.0, 1.5, 5, False, "ddim", 0.8, True, "auto", False, False, None)
+    args = (DESCRIPTION, 1, 3, 4.0, 1.5, 5, False, "ddim", 0.8, True, "auto", False, False, None, 0)
     unet, calls = app_module.get_pipe().unet, []
 
     def fails_on_the_second_step(*a, **kw):
@@ -267,6 +267,6 @@ def test_a_full_disk_in_the_app_is_one_message(app_module, app_url, small_disk, 
     client = Client(app_url, verbose=False, download_files=False)
     with pytest.raises(AppError, match="could not write its files .*disk may be full"):
         client.predict(handle_file(str(prior)), DESCRIPTION, 2, 2, 4.0, 1.5, 5, False, "ddim", 0.8, True, "auto",
-                       False, False, None, api_name="/generate")
+                       False, False, None, 0, api_name="/generate")
     assert "Traceback" not in "".join(capfd.readouterr())
     _no_half_files(disk)

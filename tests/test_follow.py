@@ -163,3 +163,17 @@ def test_cli_writes_follow_json(tmp_path, tiny_model_dir, monkeypatch):
     md = (out / "follow.md").read_text()
     assert "| New right pleural effusion. |" in md and "train split" in md
     assert (out / "follow_grid.png").stat().st_size > 1000
+
+
+def test_diagonal_compares_the_named_lift_with_the_best_other_description():
+    from biomedjourney.evaluate.follow import diagonal
+    m = lambda x: {"mean": x}  # noqa: E731
+    lifts = {"New right pleural effusion.": {"Effusion": m(0.05), "Edema": m(0.01)},
+             "New left pleural effusion.": {"Effusion": m(0.03), "Edema": m(0.0)},
+             "New pulmonary edema.": {"Effusion": m(0.02), "Edema": m(0.00)},
+             "New cardiomegaly.": {"Effusion": m(0.9), "Edema": m(0.9)}}   # names no evaluator label: not "other"
+    named = {"New right pleural effusion.": "Effusion", "New left pleural effusion.": "Effusion",
+             "New pulmonary edema.": "Edema"}
+    d = diagonal(lifts, named)
+    assert d["Effusion"] == {"named_lift": 0.04, "best_other_lift": 0.02, "diagonal": True}
+    assert d["Edema"]["best_other_lift"] == 0.01 and d["Edema"]["diagonal"] is False  # zero lift is not positive

@@ -201,9 +201,9 @@ def run_app(inp: dict, client, url: str, monkeypatch) -> Outcome:
         prior = None
     if prior is not None or any(isinstance(v, float) and not math.isfinite(v) for v in numbers):  # not JSON
         prior = prior or _upload(url, inp["prior"], inp["prior"].name)
-        return rest_call(url, "generate", [prior, inp["text"], *numbers, False, None])
+        return rest_call(url, "generate", [prior, inp["text"], *numbers, False, None, 0])
     try:
-        out = client.predict(handle_file(str(inp["prior"])), inp["text"], *numbers, False, None, api_name="/generate")
+        out = client.predict(handle_file(str(inp["prior"])), inp["text"], *numbers, False, None, 0, api_name="/generate")
     except AppError as e:
         return Outcome("error", str(e))
     return Outcome("ok", _notes(list(out)) + "\n" + "\n".join(out[5].get("image_warnings", [])))

@@ -77,7 +77,7 @@ def _client(url):
 def _submit(client, prior, seed: int):
     from gradio_client import handle_file
     return client.submit(handle_file(str(prior)), TEXTS[seed % 2], 1, 3, 4.0, 1.5, seed, False, "ddim", 0.8, True,
-                         "auto", False, False, None, api_name="/generate")
+                         "auto", False, False, None, 0, api_name="/generate")
 
 
 def _image(outputs) -> np.ndarray:

@@ -146,7 +146,7 @@ def test_no_identifier_reaches_the_page_the_log_or_any_download(planted, app_mod
     from gradio_client import handle_file
     preview, info = client.predict(handle_file(str(planted)), api_name="/preview")
     gen = client.predict(handle_file(str(planted)), "New right pleural effusion.", 2, 2, 4.0, 1.5, 5, False, "ddim",
-                         0.8, True, "auto", False, False, None, api_name="/generate")
+                         0.8, True, "auto", False, False, None, 0, api_name="/generate")
     jour = client.predict(handle_file(str(planted)), "day 1: new right pleural effusion; day 2: increasing right "
                           "pleural effusion", 2, 4.0, 1.5, 5, False, "ddim", 300, 0.8, True, api_name="/journey")
     texts = {"info": info, "generate": json.dumps(gen, default=str), "journey": json.dumps(jour, default=str)}
@@ -171,7 +171,7 @@ def test_uploads_and_results_are_removed_when_the_session_ends(app_module, app_u
     prior.write_bytes(_png(np.roll(film(), 7, 1)))
     c = Client(app_url, verbose=False, download_files=False)
     c.predict(handle_file(str(prior)), "New right pleural effusion.", 1, 2, 4.0, 1.5, 5, False, "ddim", 0.8, True,
-              "auto", False, False, None, api_name="/generate")
+              "auto", False, False, None, 0, api_name="/generate")
     session = c.session_hash
     uploads = [p for p, users in app_module._UPLOADS.items() if session in users]
     results = app_module.OUTPUT_ROOT / session

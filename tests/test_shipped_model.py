@@ -68,6 +68,7 @@ def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_fi
     d = pipe.defaults
     assert (d.strength, d.negative_prompt, d.change_transfer) == (0.6, NO_CHANGE, True)
     assert (d.region, d.render, d.render_strength) == ("auto", True, 0.3)   # assets/MODEL_CARD.md, "Following the text"
+    assert d.noise_opt_steps == 4 and pipe.guidance_model is not None       # assets/MODEL_CARD.md, "Guidance model"
     same = pipe(rg1_path, NO_CHANGE, num_images=1, seed=0, change_transfer=False)
     new = pipe(rg1_path, "New right pleural effusion.", num_images=1, seed=0, change_transfer=False)
     assert image_ssim(same.images[0], same.prior) > 0.75

@@ -31,6 +31,10 @@ python train/train.py --stage 2 --config "$CONFIG" --data "$PREP" --vae "$RUN/va
 # decoder fine-tuned on noisy latents (encoder frozen) so the sampler's small latent errors do not turn into grain
 python train/train_autoencoder.py --config "$CONFIG" --data "$PREP" --out "$RUN/vae-noise" --init "$RUN/vae-ft/vae" \
     --decoder-only --latent-noise 0.3 --steps 1500 --lr 1e-4 --resume latest
+# the guidance model (noise-aware findings classifier + identity embedding on these latents), trained apart from
+# the evaluators, for the shipped default's initial-noise optimisation
+python train/train_guidance.py --data "$PREP" --model "$RUN-identity2/stage2/export" --out "$RUN/guidance/export" \
+    --work "$RUN/guidance" --minutes 12 --resume latest
 echo "exported: $RUN-identity2/stage2/export; ship it as the default with:"
 echo "  python train/ship.py --export $RUN-identity2/stage2/export --vae $RUN/vae-noise/vae --config $CONFIG \\"
-echo "      --to assets/biomedjourney-cxr    # sampler defaults: the preset's sampler: block"
+echo "      --guidance-model $RUN/guidance/export --to assets/biomedjourney-cxr    # sampler defaults: the preset's sampler: block"

@@ -10,6 +10,8 @@ whose ENCODER is identical, e.g. the decoder-fine-tuned one), with the sampler d
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,14 +51,22 @@ def main(argv=None):
     if a.guidance_model is not None:
         from biomedjourney.guidance import GuidanceModel
         pipe.register_modules(guidance_model=GuidanceModel.from_pretrained(a.guidance_model, torch_dtype=torch.float32).eval())
-        pipe.info["guidance_model"] = str(a.guidance_model)
+        m = a.guidance_model / "metrics.json"
+        pipe.info["guidance_model"] = json.loads(m.read_text()).get("command", str(a.guidance_model)) if m.is_file() \
+            else str(a.guidance_model)
     if a.note:
         pipe.info["note"] = a.note
     if a.config:
         from train.config import load_config
         pipe.defaults = load_config(a.config).sampler
     # written beside --to and renamed into place: an interrupted ship never leaves a half-written model
-    atomic_write(a.to, lambda tmp: pipe.save_pretrained(tmp, dtype=torch.float16), directory=True)
+    def write(tmp: str) -> None:
+        pipe.save_pretrained(tmp, dtype=torch.float16)
+        metrics = a.guidance_model / "metrics.json" if a.guidance_model is not None else None
+        if metrics is not None and metrics.is_file():  # its validation scores travel with it
+            shutil.copyfile(metrics, Path(tmp) / "guidance_model" / "metrics.json")
+
+    atomic_write(a.to, write, directory=True)
     size = sum(f.stat().st_size for f in a.to.rglob("*") if f.is_file())
     print(f"shipped {a.export} -> {a.to}: {size / 1e6:.1f} MB")
 

@@ -264,18 +264,32 @@ def _reid(gen: np.ndarray, prior_emb: np.ndarray, idx: np.ndarray, g: Generated)
     return reid_auc(gen, prior_emb[idx], patients, keys)
 
 
+def diagonal(lifts: dict, named: dict[str, str]) -> dict:
+    """Per evaluator label that a description names: the named descriptions' mean lift, the largest lift any OTHER
+    description gives that label, and whether the named one is positive and larger (the issue's diagonal target)."""
+    out = {}
+    for lab in sorted(set(named.values()) & {k for v in lifts.values() for k in v}):
+        own = [lifts[d][lab]["mean"] for d in lifts if named.get(d) == lab]
+        other = max((lifts[d][lab]["mean"] for d in lifts if named.get(d) not in (lab, None)), default=float("nan"))
+        mean = float(np.mean(own))
+        out[lab] = {"named_lift": mean, "best_other_lift": other, "diagonal": bool(mean > 0 and mean > other)}
+    return out
+
+
 def summarise(g: Generated, ev, settings: dict) -> dict:
     """follow.json (stable keys first)."""
     ident = identity(g, ev)
     n = sum(im.shape[0] * im.shape[1] for im in g.images.values())
     labels = list(ev.cfg.labels)
+    lifts = lift(g, ev)
+    named = {d: t.label for d, t in DESCRIPTIONS.items() if t.label}
     return {
         "settings": settings, "n_priors": len(g.priors), "seeds": list(g.seeds),
-        "lift": lift(g, ev), "side_accuracy": side_accuracy(g), "zone_accuracy": zone_accuracy(g),
+        "lift": lifts, "diagonal": diagonal(lifts, named), "side_accuracy": side_accuracy(g), "zone_accuracy": zone_accuracy(g),
         "outside_mask_share": outside_mask(g), "reid_auc": ident["reid_auc"],
         "no_change_ssim": ident["no_change_ssim"], "seconds_per_image": g.seconds / max(n, 1),
         "reid_auc_per_seed": ident["reid_auc_per_seed"], "generation_seconds": g.seconds, "n_images": n,
-        "named_label": {d: t.label for d, t in DESCRIPTIONS.items() if t.label},
+        "named_label": named,
         "no_evaluator_head": sorted({t.label for t in DESCRIPTIONS.values() if t.label} - set(labels)),
         "evaluator_labels": labels, "priors": [p.image_id for p in g.priors],
         "anatomy_sources": sorted({a.source for a in g.anatomy}), "std_definition": STD_NOTE,
@@ -346,6 +360,11 @@ def markdown(res: dict, title: str) -> str:
             f"{_fmt(res['lift'][d][lab]['mean'])} ± {_fmt(res['lift'][d][lab]['std'])}") for lab in labels]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines += ["", f"Bold: the label the description names. {res['std_definition']}.", "",
+              "Diagonal (the named descriptions' mean lift of a label vs the largest lift any other description gives "
+              "it):", "", "| label | named lift | best other | diagonal |", "|---|---|---|---|"]
+    lines += [f"| {lab} | {_fmt(v['named_lift'])} | {_fmt(v['best_other_lift'])} | {'yes' if v['diagonal'] else 'no'} |"
+              for lab, v in res.get("diagonal", {}).items()]
+    lines += ["",
               "## Where the change is", "", "| description | side accuracy | zone accuracy | outside-mask share |",
               "|---|---|---|---|"]
     for d in descs + [NO_CHANGE]:
