@@ -71,7 +71,7 @@ SCHEDULER_LABELS = {"dpmsolver++": "DPM-Solver++ (fast, default)", "ddim": "DDIM
 # default is to draw them from radiological knowledge first (sampler `render`).
 EXAMPLES_MODEL = ["New right pleural effusion.", "New left pleural effusion.", "Increasing left pleural effusion.",
                   "New pulmonary edema.", "Worsening pulmonary edema.", "New right upper lobe consolidation.",
-                  "New left lower lobe consolidation."]
+                  "New left lower lobe consolidation.", "New right lower lobe pneumonia."]
 EXAMPLES_RENDERED = ["Increasing cardiomegaly.", "New right pneumothorax."]
 SEED_MAX = 2**31 - 2
 COMPOSER_ROWS = 3
@@ -706,9 +706,10 @@ THEME = gr.themes.Soft(primary_hue="blue")
 _d = initial_defaults()
 EXAMPLE_DESCRIPTIONS = EXAMPLES_MODEL + (EXAMPLES_RENDERED if _d.render else []) + [NO_CHANGE]
 EXAMPLES_NOTE = ("<sub>With 'Draw the finding from radiological knowledge' (the shipped default) each example is drawn "
-                 "inside its region from radiological knowledge and harmonised by the model. Without it the model "
+                 "inside its region from radiological knowledge and harmonised by the model, and the starting noise is "
+                 "optimised towards the finding (edema and pneumonia come out clearest). Without these the model "
                  "alone changes the region only faintly: it learned 'abnormal', not which abnormality. See the model "
-                 "card (assets/MODEL_CARD.md, 'Following the text').</sub>")
+                 "card (assets/MODEL_CARD.md, 'Following the text' and 'Guidance model').</sub>")
 
 
 def build_demo() -> gr.Blocks:

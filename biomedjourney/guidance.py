@@ -10,7 +10,7 @@ Heads (one shared trunk):
     logits     multi-label findings over ``labels`` (lexicon names of ``biomedjourney.findings``)
     embedding  L2-normalised patient-identity vector (supervised contrastive over same-patient groups)
 
-Uses: initial-noise optimisation (``pipeline.NoiseOptimization``; the causal-disentanglement paper's long-tail
+Uses: initial-noise optimisation (``pipeline.NoiseOptimization``; Nie et al. 2025, arXiv:2504.14450, long-tail
 lever) and the identity / pathology consistency losses of stage-2 training (``train/train.py``).
 Noise-aware classifier: Dhariwal & Nichol 2021, arXiv:2105.05233 §4 (a classifier on x_t, conditioned on t).
 """

@@ -66,7 +66,7 @@ class GenerationOutput(BaseOutput):
 
 @dataclass
 class NoiseOptimization:
-    """Initial-noise optimisation (the causal-disentanglement paper's long-tail lever; as InitNO, Guo et al. 2024,
+    """Initial-noise optimisation (Nie et al. 2025, arXiv:2504.14450, long-tail lever; as InitNO, Guo et al. 2024,
     arXiv:2404.04650, optimises the initial latent): a few Adam steps on each image's initial noise so that the
     guidance model (``guidance.GuidanceModel``, trained apart from the evaluators) finds ``targets`` in the predicted
     clean result of the first denoising step, while its identity embedding keeps the patient. The noise is

@@ -67,7 +67,7 @@ class DiffusionTrain:
                                        #   rendered back (biomedjourney.findings), the form the app's composer writes
     guidance_model: str = ""           # stage 2: a guidance model folder (train/train_guidance.py) for the two
                                        #   consistency losses below (identity-pathology separation, causal-
-                                       #   disentanglement paper 2025); frozen
+                                       #   disentanglement, Nie et al. 2025, arXiv:2504.14450); frozen
     identity_weight: float = 0.0       # x (1 - cos) of identity(predicted clean follow-up) vs identity(prior)
     pathology_weight: float = 0.0      # x BCE of the guidance classifier on the predicted clean follow-up vs its labels
     consistency_max_t: int = 400       # both losses only on rows noised below this timestep (a sharp clean estimate)

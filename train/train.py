@@ -348,7 +348,8 @@ def predicted_clean(sched: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tenso
 
 def consistency_loss(gm: GuidanceModel, x0: torch.Tensor, prior: torch.Tensor, ts: torch.Tensor, y: torch.Tensor,
                      known: torch.Tensor, tc: DiffusionTrain) -> torch.Tensor:
-    """Identity-pathology separation as group supervision (causal-disentanglement paper, 2025): on rows noised below
+    """Identity-pathology separation (the aim of Nie et al. 2025, arXiv:2504.14450, whose group supervision swaps
+    pathology features in a VAE latent; here consistency losses through a frozen guidance model): on rows noised below
     tc.consistency_max_t, the predicted clean follow-up keeps its prior's identity embedding (the same-patient group)
     and the frozen guidance classifier finds the follow-up's own findings in it (the same-finding group). Rows whose
     prior is dropped (zero latent) take no identity term."""
