@@ -84,3 +84,22 @@ def test_checkpoints_and_manifests_go_through_the_helper(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-00000004"]
     manifest.write_manifest([{"image_id": "i"}], tmp_path / "stage1.csv", manifest.STAGE1_COLUMNS)
     assert calls == [("step-00000003", True), ("step-00000004", True), ("stage1.csv", False)]
+
+
+def test_checkpoint_pruning_renames_before_deleting_and_cleans_what_a_crash_left(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from train import checkpoint
+    m = torch.nn.Linear(2, 2)
+    root = tmp_path / "ck"
+    checkpoint.save_checkpoint(root, 1, models={"m": m}, keep=1)
+    real = shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # a crash before the delete
+    checkpoint.save_checkpoint(root, 2, models={"m": m}, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == [".step-00000001.deleting", "step-00000002"]
+    assert checkpoint.find_checkpoint(root).name == "step-00000002"     # the old one is out of `latest`'s reach
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    checkpoint.save_checkpoint(root, 3, models={"m": m}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000003"]

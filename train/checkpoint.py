@@ -94,7 +94,12 @@ def save_checkpoint(root: str | Path, step: int, *, models: dict[str, torch.nn.M
 
     final = atomic_write(root / f"step-{step:08d}", write, directory=True)
     for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first (atomic): a crash mid-delete leaves a hidden folder, never a half-deleted step-* that
+        # `latest` could pick
+        trash = old.with_name(f".{old.name}.deleting")
+        old.rename(trash)
+    for trash in root.glob(".step-*.deleting"):  # this prune's, and any a crash left behind
+        shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
