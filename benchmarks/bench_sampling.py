@@ -265,8 +265,14 @@ def unet_calls(pipe: BiomedJourneyPipeline, n: int, equal_steps: int = EQUAL_STE
                                                           d.render_strength if d.render else d.strength), 3 * k * n)}
     c, rows = out["ours_service_no_noise_opt"]
     # + each noise-optimisation step: one forward and one backward (~2 forwards) of the UNet
-    out["ours_service"] = (c + 3 * (d.noise_opt_steps if pipe.guidance_model is not None else 0), rows)
+    out["ours_service"] = (c + 3 * (d.noise_opt_steps if _noise_opt_on(pipe) else 0), rows)
     return out
+
+
+def _noise_opt_on(pipe: BiomedJourneyPipeline) -> bool:
+    """Whether the service's request includes noise optimisation (it runs on top of a drawing: service docs)."""
+    d = pipe.defaults
+    return pipe.guidance_model is not None and d.noise_opt_steps > 0 and d.render
 
 
 def run_service(pipe: BiomedJourneyPipeline, req: Request, n: int, noise_opt_steps: int | None = None) -> list[np.ndarray]:
@@ -298,7 +304,7 @@ def benchmark(pipe: BiomedJourneyPipeline, sizes=(1, 4), repeats: int = 3, req: 
             "peer_default": lambda: run_peer(peer_def, pipe, req, n, equal=False, steps=peer_default_steps),
             "ours_service": lambda: run_service(pipe, req, n),
         }
-        if pipe.guidance_model is not None and pipe.defaults.noise_opt_steps > 0:
+        if _noise_opt_on(pipe):
             configs["ours_service_no_noise_opt"] = lambda: run_service(pipe, req, n, 0)
         warm = {"peer_default": lambda: run_peer(peer_def, pipe, req, n, equal=False, steps=2)}
         if log:

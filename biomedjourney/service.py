@@ -287,7 +287,7 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
     """The pipeline's NoiseOptimization for the plan's findings (None when off or impossible, with a note saying why).
     New / increased findings are asked for (1), decreased / resolved ones asked away (0), unchanged ones left alone;
     only findings with >= RARE_BELOW training images, the ones the guidance model had enough examples to learn
-    (a consolidation is guided as the opacity it implies)."""
+    (a consolidation is guided as the opacity it implies), and only on top of a knowledge-driven drawing."""
     if steps <= 0:
         return None
     from .pipeline import NoiseOptimization
@@ -295,6 +295,11 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
     if gm is None:
         plan.notes.append("Noise optimisation is on, but this model has no guidance model "
                           "(train/train_guidance.py); generated without it.")
+        return None
+    if plan.renderings is None:
+        plan.notes.append("Noise optimisation runs only on top of the knowledge-driven drawing: without it, the "
+                          "optimised noise darkened the region instead of drawing the finding (model card, 'Guidance "
+                          "model'); skipped.")
         return None
     targets: dict[str, float] = {}
     for f in plan.findings:

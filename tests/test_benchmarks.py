@@ -48,7 +48,7 @@ def test_a_model_with_a_guidance_model_gets_the_noise_optimisation_row(bench):
     from biomedjourney.pipeline import tiny_pipeline
 
     pipe = tiny_pipeline()
-    pipe.defaults = pipe.defaults.with_overrides(["noise_opt_steps=2"])
+    pipe.defaults = pipe.defaults.with_overrides(["noise_opt_steps=2", "render=true"])
     torch.manual_seed(0)
     pipe.register_modules(guidance_model=GuidanceModel(latent_channels=4, block_out_channels=(8, 16),
                                                        norm_num_groups=4, time_channels=8).eval())

@@ -97,14 +97,17 @@ def test_guidance_model_is_saved_and_loaded_with_the_pipeline(gpipe, tmp_path, t
 def test_service_asks_for_new_findings_and_notes_when_it_cannot(gpipe, pipe, prior):
     from biomedjourney import service
     r = service.generate_followups(gpipe, prior, "New right pleural effusion. Resolved atelectasis.", seed=0,
-                                   num_images=1, region="off", render=False, noise_opt_steps=2)
+                                   num_images=1, region="off", render=True, noise_opt_steps=2)
     assert r.settings["noise_optimization"]["targets"] == {"pleural effusion": 1.0, "atelectasis": 0.0}
     r = service.generate_followups(pipe, prior, "New right pleural effusion.", seed=0, num_images=1, region="off",
-                                   render=False, noise_opt_steps=2)
+                                   render=True, noise_opt_steps=2)
     assert r.settings["noise_optimization"] is None and any("no guidance model" in n for n in r.plan.notes)
-    r = service.generate_followups(gpipe, prior, "New hernia.", seed=0, num_images=1, region="off", render=False,
+    r = service.generate_followups(gpipe, prior, "New hernia.", seed=0, num_images=1, region="off", render=True,
                                    noise_opt_steps=2)
     assert any("skipped" in n for n in r.plan.notes)
+    r = service.generate_followups(gpipe, prior, "New right pleural effusion.", seed=0, num_images=1, region="off",
+                                   render=False, noise_opt_steps=2)   # the model alone: no optimisation
+    assert r.settings["noise_optimization"] is None and any("darkened" in n for n in r.plan.notes)
     with pytest.raises(ValueError, match="noise_opt_steps"):
         service.generate_followups(gpipe, prior, "New effusion.", num_images=1, noise_opt_steps=-1)
 
@@ -146,8 +149,8 @@ def test_noise_optimisation_holds_the_other_findings_at_the_prior(gpipe, prior):
 def test_service_asks_for_the_broader_finding_a_new_consolidation_implies(gpipe, prior):
     from biomedjourney import service
     r = service.generate_followups(gpipe, prior, "New right upper lobe consolidation.", seed=0, num_images=1,
-                                   region="off", render=False, noise_opt_steps=1)
+                                   region="off", render=True, noise_opt_steps=1)
     assert r.settings["noise_optimization"]["targets"] == {"opacity": 1.0}  # consolidation: 31 images, too few
     r = service.generate_followups(gpipe, prior, "New right pneumothorax.", seed=0, num_images=1, region="off",
-                                   render=False, noise_opt_steps=1)
+                                   render=True, noise_opt_steps=1)
     assert r.settings["noise_optimization"] is None and any("at least 50 training images" in n for n in r.plan.notes)
