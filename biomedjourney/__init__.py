@@ -6,9 +6,12 @@ NOTICE = ("Research and education only - not for diagnosis. "
 
 
 def __getattr__(name):  # lazy: importing the package stays cheap (no torch until needed)
-    if name in ("BiomedJourneyPipeline", "GenerationOutput"):
+    if name in ("BiomedJourneyPipeline", "GenerationOutput", "NoiseOptimization"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name == "GuidanceModel":
+        from .guidance import GuidanceModel
+        return GuidanceModel
     if name in ("load_image", "load_model_input", "read_image"):
         from . import imaging
         return getattr(imaging, name)
