@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from biomedjourney import dataset
 from biomedjourney.guidance import GUIDANCE_LABELS, GuidanceModel, dataset_targets, finding_loss, identity_loss
 from biomedjourney.pipeline import BiomedJourneyPipeline, NoiseOptimization, tiny_pipeline
 
@@ -154,3 +155,19 @@ def test_service_asks_for_the_broader_finding_a_new_consolidation_implies(gpipe,
     r = service.generate_followups(gpipe, prior, "New right pneumothorax.", seed=0, num_images=1, region="off",
                                    render=True, noise_opt_steps=1)
     assert r.settings["noise_optimization"] is None and any("at least 50 training images" in n for n in r.plan.notes)
+
+
+@pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())
+def test_train_guidance_exports_a_loadable_model_and_resumes(tiny_prep, tiny_model_dir, tmp_path):
+    import json
+
+    from train.train_guidance import main
+    args = ["--data", str(tiny_prep), "--model", str(tiny_model_dir), "--out", str(tmp_path / "gm"),
+            "--work", str(tmp_path / "work")]
+    assert main(args + ["--steps", "2"]) == 0
+    gm = GuidanceModel.from_pretrained(tmp_path / "gm")
+    assert gm.labels == GUIDANCE_LABELS and gm.config.latent_channels == 4
+    m = json.loads((tmp_path / "gm" / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["n_train"] > 0 and "macro_auc" in m["val"]["t0"]
+    assert main(args + ["--steps", "3", "--resume", "latest"]) == 0          # continues from step 2
+    assert json.loads((tmp_path / "gm" / "metrics.json").read_text())["steps"] == 3

@@ -134,7 +134,7 @@ def train_step(model, opt, lat, y, known, groups, multi, sched, tc: GuidanceTrai
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return {"bce": float(bce), "supcon": float(sc)}
+    return {"bce": bce.item(), "supcon": sc.item()}
 
 
 @torch.no_grad()
