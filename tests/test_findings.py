@@ -253,3 +253,13 @@ def test_indiana_reports_parse():
         if r is not None:
             agree += set(our_labels(r["text"])) == set(mesh_labels(r["majors"]))
     assert agree >= 150
+
+
+def test_a_side_before_coordinated_zones_reaches_the_finding_even_after_a_change_word():
+    from biomedjourney.findings import extract
+    for text in ("Progressive right mid and lower zone consolidation.", "New right mid and lower zone consolidation."):
+        (f,) = extract(text)
+        assert (f.name, f.side, f.zone) == ("consolidation", "right", "lower"), text
+    assert extract("Progressive right mid and lower zone consolidation.")[0].change == "increased"
+    f1, f2 = extract("Left effusion and progressive right pneumothorax.")
+    assert (f1.side, f2.side, f2.change) == ("left", "right", "increased")

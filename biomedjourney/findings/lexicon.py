@@ -149,6 +149,10 @@ zones lung lungs base bases basilar basal apex apices apical perihilar hilar ret
 lingula lingular costophrenic angle angles field fields midlung sided hemithorax region
 in of at within""".split())
 
+# change words that may open a coordinated location ("progressive right mid and lower zone consolidation")
+LOCATION_LEAD = re.compile(r"\b(?:new|progressive|progressing|increasing|increased|worsening|worsened|persistent|"
+                           r"persisting|improving|improved|decreasing|decreased|developing|enlarging|interval)\b")
+
 MENTION_RES = [(name, re.compile(rf"\b(?:{p})\b")) for name, pats in FINDINGS.items() for p in pats]
 SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|\n+")
 

@@ -127,7 +127,7 @@ def _location_prefix(span: str) -> str:
     chunks = L.SEPARATOR.split(span)
     keep = [chunks[-1]]
     for chunk in reversed(chunks[:-1]):
-        if not chunk.strip() or not _coordinated(chunk) or not L.LATERALITY_WORD.search(chunk):
+        if not chunk.strip() or not _coordinated(L.LOCATION_LEAD.sub(" ", chunk)) or not L.LATERALITY_WORD.search(chunk):
             break
         keep.insert(0, chunk)
     return " ".join(keep)
@@ -148,13 +148,13 @@ def _side_of(pre: str, mention: str, post: str) -> tuple[str, bool]:
 def _record(name: str, mention: str, pre: str, post: str, loc_pre: str) -> dict:
     """One mention's own attributes (before negation and coordination are applied)."""
     postpositive = bool(L.POSTPOSITIVE.match(post))
-    lat, lat_post = _side_of(loc_pre if L.LATERALITY_WORD.search(pre) else pre, mention,
+    lat, lat_post = _side_of(loc_pre, mention,
                              post if postpositive else "")
     zone = zone_of(pre) or zone_of(mention) or (zone_of(post) if postpositive else "")
     r = {"finding": name, "laterality": lat, "lat_post": lat_post, "zone": zone,
          "severity": severity_of(pre + " " + post, mention),
-         "change": change_of(pre, last=True) or change_of(post, last=False), "neg": "",
-         "from_prefix": bool(change_of(pre, last=True))}
+         "change": change_of(loc_pre, last=True) or change_of(post, last=False), "neg": "",
+         "from_prefix": bool(change_of(loc_pre, last=True))}
     if name == "support devices" and mention.startswith("extubat"):
         r.update(neg="resolved", change="resolved")
     return r
