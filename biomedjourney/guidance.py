@@ -106,17 +106,14 @@ def dataset_targets(labels: list[str], reported: set[str] | None, names: tuple[s
     return y, known
 
 
-def identity_loss(model: GuidanceModel, image_latents: torch.Tensor, prior_latents: torch.Tensor) -> torch.Tensor:
-    """(B,) 1 - cosine similarity of the identity embeddings of images and their priors (clean latents, t = 0):
-    zero for identical images, growing as the patient drifts."""
-    e = model(torch.cat([image_latents, prior_latents]), 0).embedding                      # (2B, E)
-    a, b = e.chunk(2)
-    return 1 - (a * b).sum(1)
+def identity_loss(embedding: torch.Tensor, prior_embedding: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 - cosine similarity of images' identity embeddings (GuidanceOutput.embedding, (B, E) or (1, E)) and
+    their priors': zero for identical images, growing as the patient drifts."""
+    return 1 - (embedding * prior_embedding).sum(1)
 
 
-def finding_loss(model: GuidanceModel, latents: torch.Tensor, y: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """(B,) masked binary cross-entropy of the classifier on clean latents against targets y (B, L) / (L,)."""
-    logits = model(latents, 0).logits                                                      # (B, L)
+def finding_loss(logits: torch.Tensor, y: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """(B,) masked binary cross-entropy of the classifier's logits (B, L) against targets y (B, L) / (L,)."""
     y, known = y.to(logits).expand_as(logits), known.to(logits.device).expand_as(logits).float()
     bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return (bce * known).sum(1) / known.sum(1).clamp_min(1)

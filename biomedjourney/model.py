@@ -88,6 +88,16 @@ def training_scheduler_config(cfg: ModelConfig) -> dict:
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
 
 
+def predicted_clean(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, pred: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """The clean latent a UNet prediction implies at noise level alphas_cumprod (a scalar, or (B, 1, 1, 1) per row):
+    x0 = sqrt(a) x_t - sqrt(1-a) v (v-prediction) or (x_t - sqrt(1-a) eps) / sqrt(a) (epsilon)."""
+    a = alphas_cumprod
+    if prediction_type == "v_prediction":
+        return a.sqrt() * noisy - (1 - a).sqrt() * pred
+    return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+
+
 def to_vae_input(x: torch.Tensor, vae: AutoencoderKL) -> torch.Tensor:
     """(B, 1, H, W) grey in [-1, 1] -> the autoencoder's channels (repeated for an RGB VAE such as SD's)."""
     c = vae.config.in_channels

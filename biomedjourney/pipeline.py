@@ -36,7 +36,8 @@ from . import __version__
 from .config import NO_CHANGE, ModelConfig, SamplerConfig, to_dict, write_json
 from .guidance import GuidanceModel, finding_loss, identity_loss
 from .imaging import LoadedImage, read_image, to_model_input
-from .model import SCHEDULERS, build_unet, build_vae, make_scheduler, to_vae_input, training_scheduler_config
+from .model import (SCHEDULERS, build_unet, build_vae, make_scheduler, predicted_clean, to_vae_input,
+                    training_scheduler_config)
 from .text_encoders import ENCODERS, TextEncoder, TinyTextEncoder, build_text_encoder
 
 MODEL_ENV = "BIOMEDJOURNEY_MODEL"
@@ -392,9 +393,9 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         probabilities on every other finding + identity_weight x its identity distance to the prior. Returns (noise (kB, C, h, w), report: steps done, seconds, objective before each step)."""
         t0, gm, n = time.perf_counter(), self.guidance_model, r.n
         y, known = gm.targets(opt.targets)
-        prior_lat = s["prior_lat"][:n].to(gm.dtype)
-        with torch.no_grad():
-            held = torch.sigmoid(gm(prior_lat[:1], 0).logits[0]).cpu()                      # (L,) on the prior
+        with torch.no_grad():  # the prior, once: its findings' probabilities and its identity
+            on_prior = gm(s["prior_lat"][:1].to(gm.dtype), 0)
+        held = torch.sigmoid(on_prior.logits[0])                                            # (L,)
         others = ~known & torch.tensor([name != "no finding" for name in gm.labels])
         t = s["timesteps"][0]
         ac = s["sched"].alphas_cumprod.to(self.device)[t].float()
@@ -410,12 +411,12 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             with torch.enable_grad():
                 x = a * start_lat.float() + sg * eps.repeat(r.k, 1, 1, 1)                    # (kB, C, h, w)
                 pred = self._guided_prediction(x.to(self.dtype), t, s["image_cond"], s["emb"], s["emb_mask"], r)
-                x0 = a * x - sg * pred if self.scheduler.config.prediction_type == "v_prediction" else (x - sg * pred) / a
-                result = self._predicted_result(x0, s, r)                                   # (B, C, h, w)
-                result = result.to(gm.dtype)
-                loss = finding_loss(gm, result, y, known) + opt.identity_weight * identity_loss(gm, result, prior_lat)
+                x0 = predicted_clean(ac, x, pred, self.scheduler.config.prediction_type)
+                out = gm(self._predicted_result(x0, s, r).to(gm.dtype), 0)                  # one guidance call
+                loss = (finding_loss(out.logits, y, known)
+                        + opt.identity_weight * identity_loss(out.embedding, on_prior.embedding))
                 if opt.others_weight and others.any():
-                    loss = loss + opt.others_weight * finding_loss(gm, result, held, others)
+                    loss = loss + opt.others_weight * finding_loss(out.logits, held, others)
                 loss = loss.mean()
                 eps.grad = torch.autograd.grad(loss, eps)[0]
             adam.step()

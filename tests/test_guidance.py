@@ -25,10 +25,11 @@ def gpipe():
 def test_identity_loss_is_zero_for_identical_images_and_grows_with_a_shift():
     gm = _tiny_guidance()
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    same = identity_loss(gm, z, z.clone())
+    emb = lambda x: gm(x, 0).embedding  # noqa: E731
+    same = identity_loss(emb(z), emb(z.clone()))
     assert same.shape == (3,) and same.abs().max() < 1e-5
-    shifted = identity_loss(gm, torch.roll(z, 3, dims=3), z)
-    other = identity_loss(gm, torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)), z)
+    shifted = identity_loss(emb(torch.roll(z, 3, dims=3)), emb(z))
+    other = identity_loss(emb(torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))), emb(z))
     assert (shifted > 1e-4).all() and (other > 1e-4).all()
 
 
@@ -40,10 +41,11 @@ def test_finding_loss_masks_unknown_labels_and_prefers_the_right_answer():
     known[0] = True
     y_right, y_wrong = (p[:, 0] > 0.5).float(), (p[:, 0] <= 0.5).float()
     full = lambda y: torch.cat([y[:, None], torch.full((2, len(gm.labels) - 1), 0.5)], 1)  # noqa: E731
-    assert (finding_loss(gm, z, full(y_right), known) < finding_loss(gm, z, full(y_wrong), known)).all()
+    logits = gm(z, 0).logits
+    assert (finding_loss(logits, full(y_right), known) < finding_loss(logits, full(y_wrong), known)).all()
     # only the known label counts: changing the others changes nothing
-    assert torch.allclose(finding_loss(gm, z, full(y_right), known),
-                          finding_loss(gm, z, torch.cat([y_right[:, None], torch.ones(2, len(gm.labels) - 1)], 1), known))
+    assert torch.allclose(finding_loss(logits, full(y_right), known),
+                          finding_loss(logits, torch.cat([y_right[:, None], torch.ones(2, len(gm.labels) - 1)], 1), known))
 
 
 def test_dataset_targets_leave_labels_a_source_never_reports_unknown():

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from biomedjourney.atomic import atomic_write, write_text as atomic_text
 from biomedjourney.config import NO_CHANGE, write_json
-from biomedjourney.model import build_unet, count_parameters, to_vae_input, training_scheduler_config, widen_conv_in
+from biomedjourney.model import (build_unet, count_parameters, predicted_clean, to_vae_input, training_scheduler_config,
+                                 widen_conv_in)
 from biomedjourney.pipeline import BiomedJourneyPipeline, assemble
 from biomedjourney.text_encoders import TextEncoder, build_text_encoder
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -333,17 +334,9 @@ def diffusion_loss(t: Trainee, acc: Accelerator, prediction_type: str, batch: tu
         return loss
     tc, y, known = consistency
     known = known & ~(z == prior).flatten(1).all(1)[:, None]  # identity rows: the target is the prior, not the follow-up
-    x0 = predicted_clean(t.noise_sched, noisy.to(acc.device), pred.float(), ts.to(acc.device), prediction_type)
+    a = t.noise_sched.alphas_cumprod.to(acc.device)[ts.to(acc.device)][:, None, None, None]   # (B, 1, 1, 1)
+    x0 = predicted_clean(a, noisy.to(acc.device), pred.float(), prediction_type)
     return loss + consistency_loss(t.guidance, x0, prior.to(acc.device), ts.to(acc.device), y, known, tc)
-
-
-def predicted_clean(sched: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor, ts: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
-    """The clean latent a prediction implies: x0 = sqrt(a) x_t - sqrt(1-a) v (v-pred) or (x_t - sqrt(1-a) eps) / sqrt(a)."""
-    a = sched.alphas_cumprod.to(noisy.device)[ts][:, None, None, None]                  # (B, 1, 1, 1)
-    if prediction_type == "v_prediction":
-        return a.sqrt() * noisy - (1 - a).sqrt() * pred
-    return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
 
 
 def consistency_loss(gm: GuidanceModel, x0: torch.Tensor, prior: torch.Tensor, ts: torch.Tensor, y: torch.Tensor,
@@ -357,11 +350,15 @@ def consistency_loss(gm: GuidanceModel, x0: torch.Tensor, prior: torch.Tensor, t
     if not low.any():
         return x0.sum() * 0
     with_prior = low & (prior.flatten(1).abs().sum(1) > 0)
+    out = gm(x0[low], 0)                                                              # one guidance call
     loss = x0.sum() * 0
     if tc.identity_weight and with_prior.any():
-        loss = loss + tc.identity_weight * identity_loss(gm, x0[with_prior], prior[with_prior]).sum() / low.sum()
+        with torch.no_grad():
+            on_prior = gm(prior[with_prior], 0).embedding                                  # the priors are data
+        sel = with_prior[low]
+        loss = loss + tc.identity_weight * identity_loss(out.embedding[sel], on_prior).sum() / low.sum()
     if tc.pathology_weight:
-        loss = loss + tc.pathology_weight * finding_loss(gm, x0[low], y[low.cpu()].to(x0), known[low.cpu()]).mean()
+        loss = loss + tc.pathology_weight * finding_loss(out.logits, y[low.cpu()].to(x0), known[low.cpu()]).mean()
     return loss
 
 

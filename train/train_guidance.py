@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a script: make `train` and `biomedjourney` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +43,7 @@ from biomedjourney.guidance import GUIDANCE_LABELS, GuidanceModel, dataset_targe
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data import stack_images, step_generator
 from train.manifest import manifest_hash, read_manifest
-from train.train_evaluators import supcon_loss
+from train.train_evaluators import patient_groups, sample_batch, supcon_loss
 
 
 @dataclass
@@ -89,23 +90,6 @@ def label_arrays(rows: list[dict], names: tuple[str, ...]) -> tuple[torch.Tensor
     return torch.tensor([y for y, _ in yk]), torch.tensor([k for _, k in yk])
 
 
-def patient_index(rows: list[dict]) -> tuple[torch.Tensor, list[list[int]]]:
-    ids = {p: i for i, p in enumerate(dict.fromkeys(r["patient_id"] for r in rows))}
-    groups = torch.tensor([ids[r["patient_id"]] for r in rows])
-    multi: dict[int, list[int]] = {}
-    for i, g in enumerate(groups.tolist()):
-        multi.setdefault(g, []).append(i)
-    return groups, [v for v in multi.values() if len(v) >= 2]
-
-
-def draw(multi: list[list[int]], n: int, tc: GuidanceTrain, g: torch.Generator) -> torch.Tensor:
-    """batch_pairs patients x 2 distinct images + batch_singles random images (indices into the train rows)."""
-    idx = []
-    for p in torch.randperm(len(multi), generator=g)[:tc.batch_pairs].tolist():
-        idx += [multi[p][i] for i in torch.randperm(len(multi[p]), generator=g)[:2].tolist()]
-    return torch.tensor(idx + torch.randint(0, n, (tc.batch_singles,), generator=g).tolist())
-
-
 def noisy_batch(z: torch.Tensor, sched: DDPMScheduler, tc: GuidanceTrain, g: torch.Generator):
     """Clean latents (B, C, h, w) -> (noised and shifted latents, timesteps (B,)), t biased to low noise."""
     t = (torch.rand(len(z), generator=g) ** 2 * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
@@ -121,7 +105,8 @@ def lr_factor(step: int, tc: GuidanceTrain) -> float:
 
 def train_step(model, opt, lat, y, known, groups, multi, sched, tc: GuidanceTrain, step: int) -> dict:
     g = step_generator(tc.seed, step)
-    b = draw(multi, len(lat), tc, g)
+    # batch_pairs patients x 2 images + batch_singles random ones, drawn from (seed, step) alone: exact resume
+    b = torch.from_numpy(sample_batch(multi, len(lat), tc, np.random.default_rng([tc.seed, step])))
     x, t = noisy_batch(lat[b].float(), sched, tc, g)
     out = model(x, t)
     k = known[b].float()
@@ -181,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     y, known = label_arrays(rows, GUIDANCE_LABELS)
     tr = [i for i, r in enumerate(rows) if r["split"] == "train"]
     va = [i for i, r in enumerate(rows) if r["split"] == "val"]
-    groups, multi = patient_index([rows[i] for i in tr])
+    groups, multi = patient_groups([SimpleNamespace(patient_id=rows[i]["patient_id"]) for i in tr])
     sched = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
     torch.manual_seed(tc.seed)
     model = GuidanceModel(latent_channels=lat.shape[1])
