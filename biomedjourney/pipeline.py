@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
 from .config import NO_CHANGE, ModelConfig, SamplerConfig, to_dict, write_json
-from .guidance import GuidanceModel, finding_loss, identity_loss
+from .guidance import GuidanceModel, density_loss, finding_loss, identity_loss, luminance, luminance_probe
 from .imaging import LoadedImage, read_image, to_model_input
 from .model import (SCHEDULERS, build_unet, build_vae, make_scheduler, predicted_clean, to_vae_input,
                     training_scheduler_config)
@@ -80,6 +80,12 @@ class NoiseOptimization:
                                      #   finding AND NOT the others" (composable guidance, Liu et al. 2022,
                                      #   arXiv:2206.01714, on the classifier); 'no finding' is left free
     max_seconds: float = 20.0        # stop before a step that would end past this budget
+    density_weight: float = 100.0    # weight of guidance.density_loss (0: off): the result's block brightness may not move
+                                     #   against the drawing's own direction (denser where the drawing brightened the
+                                     #   prior, more lucent where it darkened it) compared with the unoptimised result:
+                                     #   the classifier's gradient may not darken a region the text says grows dense
+    density_threshold: float = 0.01  # a latent cell has a direction where the drawing moved its brightness by more
+                                     #   than this (0-1 intensity range)
 
 
 class BiomedJourneyPipeline(DiffusionPipeline):
@@ -335,7 +341,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         step = dict(sched=sched, timesteps=timesteps, noise=noise, image_cond=image_cond, emb=emb, emb_mask=emb_mask,
                     prior_lat=prior_lat, latent_mask=latent_mask, generator=generator)
         if noise_optimization is not None:  # 3b. the initial noise, optimised towards the guidance targets
-            noise, settings["noise_optimization"] = self._optimise_noise(noise, start_lat, step, r, noise_optimization)
+            noise, settings["noise_optimization"] = self._optimise_noise(noise, start_lat, step, r, noise_optimization,
+                                                                         prior_img)
             latents = self._noised(sched, timesteps, start_lat, noise, r)
             step["noise"] = noise
         # 4. Denoise: one batched UNet call per step, dual guidance; outside the mask the prior is restored
@@ -376,21 +383,25 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                              "with train/train_guidance.py, or turn noise optimisation off")
         if r.text_only:
             raise ValueError("noise optimisation keeps the prior's identity: it needs a prior")
-        if not 1 <= opt.steps <= 50 or not opt.lr > 0 or not opt.max_seconds > 0 or min(opt.identity_weight,
-                                                                                         opt.others_weight) < 0:
-            raise ValueError(f"noise optimisation needs 1 <= steps <= 50, lr > 0, max_seconds > 0 and weights >= 0; "
-                             f"got steps {opt.steps}, lr {opt.lr}, max_seconds {opt.max_seconds}, identity_weight "
-                             f"{opt.identity_weight}, others_weight {opt.others_weight}")
+        if not 1 <= opt.steps <= 50 or not opt.lr > 0 or not opt.max_seconds > 0 or min(
+                opt.identity_weight, opt.others_weight, opt.density_weight, opt.density_threshold) < 0:
+            raise ValueError(f"noise optimisation needs 1 <= steps <= 50, lr > 0, max_seconds > 0 and weights and "
+                             f"threshold >= 0; got steps {opt.steps}, lr {opt.lr}, max_seconds {opt.max_seconds}, "
+                             f"identity_weight {opt.identity_weight}, others_weight {opt.others_weight}, "
+                             f"density_weight {opt.density_weight}, density_threshold {opt.density_threshold}")
         unknown = sorted(set(opt.targets) - set(self.guidance_model.labels))
         if not opt.targets or unknown:
             raise ValueError(f"noise optimisation targets {unknown or 'none'}: the guidance model knows "
                              f"{', '.join(self.guidance_model.labels)}")
 
-    def _optimise_noise(self, noise, start_lat, s: dict, r: "_Settings", opt: NoiseOptimization):
+    def _optimise_noise(self, noise, start_lat, s: dict, r: "_Settings", opt: NoiseOptimization,
+                        prior_img: np.ndarray | None = None):
         """Adam on each image's initial noise (shared by its NO_CHANGE reference: change transfer still cancels the
         model's blur). Objective: the guidance model's BCE against the targets on the predicted clean result of the
         first step (prior + change, the prior outside the mask) + others_weight x its BCE against the prior's own
-        probabilities on every other finding + identity_weight x its identity distance to the prior. Returns (noise (kB, C, h, w), report: steps done, seconds, objective before each step)."""
+        probabilities on every other finding + identity_weight x its identity distance to the prior (+ density_weight
+        x the density guard, `_density_direction`). Returns (noise (kB, C, h, w), report: steps done, seconds,
+        objective before each step)."""
         t0, gm, n = time.perf_counter(), self.guidance_model, r.n
         y, known = gm.targets(opt.targets)
         with torch.no_grad():  # the prior, once: its findings' probabilities and its identity
@@ -403,7 +414,9 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         eps = noise[:n].detach().float().clone().requires_grad_(True)                        # (B, C, h, w)
         norm = eps.detach().flatten(1).norm(dim=1)[:, None, None, None]
         adam = torch.optim.Adam([eps], lr=opt.lr)
-        objective, last = [], 0.0
+        guard = self._density_direction(start_lat, s, r, opt, prior_img)   # (probe, direction (B, h, w)) or None
+        reference = None                   # the unoptimised result's block brightness, fixed at the first step
+        objective, density, last = [], [], 0.0
         for _ in range(opt.steps):
             if time.perf_counter() - t0 + last > opt.max_seconds:
                 break
@@ -412,11 +425,18 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                 x = a * start_lat.float() + sg * eps.repeat(r.k, 1, 1, 1)                    # (kB, C, h, w)
                 pred = self._guided_prediction(x.to(self.dtype), t, s["image_cond"], s["emb"], s["emb_mask"], r)
                 x0 = predicted_clean(ac, x, pred, self.scheduler.config.prediction_type)
-                out = gm(self._predicted_result(x0, s, r).to(gm.dtype), 0)                  # one guidance call
+                result = self._predicted_result(x0, s, r)                                     # (B, C, h, w)
+                out = gm(result.to(gm.dtype), 0)                                              # one guidance call
                 loss = (finding_loss(out.logits, y, known)
                         + opt.identity_weight * identity_loss(out.embedding, on_prior.embedding))
                 if opt.others_weight and others.any():
                     loss = loss + opt.others_weight * finding_loss(out.logits, held, others)
+                if guard is not None:  # measured whenever there is a drawing; in the objective with a weight
+                    lum = luminance(result, guard[0])                                         # (B, h, w)
+                    reference = lum.detach() if reference is None else reference
+                    against = density_loss(lum, reference, guard[1]).mean()
+                    density.append(round(float(against.detach()), 6))
+                    loss = loss + opt.density_weight * against
                 loss = loss.mean()
                 eps.grad = torch.autograd.grad(loss, eps)[0]
             adam.step()
@@ -426,8 +446,24 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             last = time.perf_counter() - ts
         report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
                   "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight,
-                  "others_weight": opt.others_weight}
+                  "others_weight": opt.others_weight, "density_weight": opt.density_weight if guard is not None else 0.0,
+                  "against_density": density}     # density_loss before each step (the drawing's way; [] without one)
         return eps.detach().to(self.dtype).repeat(r.k, 1, 1, 1), report
+
+    def _density_direction(self, start_lat, s: dict, r: "_Settings", opt: NoiseOptimization,
+                           prior_img: np.ndarray | None):
+        """The density guard's (probe (C+1,), direction (B, h, w)): the sign of the brightness change the drawing
+        (the start picture) made to the prior in each latent cell inside the mask's core (guidance.luminance_probe,
+        fitted on the prior), where it exceeds density_threshold. None when off, or without a drawing or prior."""
+        if prior_img is None or start_lat is s["prior_lat"]:
+            return None
+        probe = luminance_probe(s["prior_lat"][:1], torch.from_numpy(np.asarray(prior_img, np.float32)))
+        delta = luminance(start_lat[:r.n], probe) - luminance(s["prior_lat"][:r.n], probe)         # (B, h, w)
+        direction = torch.sign(delta) * (delta.abs() > opt.density_threshold)
+        m = s["latent_mask"]
+        if m is not None:
+            direction = direction * (m[:r.n, 0].float() > 0.5)
+        return (probe, direction) if direction.any() else None
 
     def _predicted_result(self, x0: torch.Tensor, s: dict, r: "_Settings") -> torch.Tensor:
         """The clean result a prediction implies, in latents: prior + (text - NO_CHANGE) with change transfer, the

@@ -114,6 +114,26 @@ def test_outside_mask_summary():
     assert NO_CHANGE not in out and out["mean"] == pytest.approx(0.5)
 
 
+def test_density_sees_a_region_darkened_where_the_text_asks_for_density():
+    from biomedjourney.evaluate.follow import density, density_change
+    mask = blob(slice(20, 40), slice(5, 25), 1.0)
+    brighter, darker = blob(slice(20, 40), slice(5, 25), 0.1), blob(slice(20, 40), slice(5, 25), -0.1)
+    assert density_change(brighter, mask, 1) == pytest.approx((0.1, 0.0))
+    assert density_change(darker, mask, 1) == pytest.approx((-0.1, 1.0))
+    assert density_change(darker, mask, -1) == pytest.approx((0.1, 0.0))        # a pneumothorax darkens
+    half = brighter.copy()
+    half[30:40] = -0.05                                                           # half the core the wrong way
+    assert density_change(half, mask, 1)[1] == pytest.approx(0.5)
+    assert all(math.isnan(x) for x in density_change(brighter, None, 1) + density_change(brighter, mask, 0))
+    g = hand_generated({RIGHT: brighter, LEFT: darker, "New right pneumothorax.": darker,
+                        NO_CHANGE: np.zeros((R, R), np.float32)},
+                       masks={RIGHT: mask, LEFT: mask, "New right pneumothorax.": mask})
+    out = density(g)
+    assert set(out) == {RIGHT, LEFT, "New right pneumothorax."}                 # the reference has no direction
+    assert out[RIGHT]["wrong_samples"] == 0.0 and out[LEFT]["wrong_samples"] == 1.0
+    assert out[LEFT]["wrong_pixels"] == pytest.approx(1.0) and out["New right pneumothorax."]["mean"] > 0
+
+
 # ----------------------------------------------------------------------------- generation, lift, CLI
 @pytest.fixture(scope="module")
 def generated():
@@ -152,7 +172,7 @@ def test_cli_writes_follow_json(tmp_path, tiny_model_dir, monkeypatch):
                  "--label", "tiny"])
     res = json.loads((out / "follow.json").read_text())
     assert {"settings", "n_priors", "seeds", "lift", "side_accuracy", "zone_accuracy", "outside_mask_share",
-            "reid_auc", "no_change_ssim", "seconds_per_image"} <= set(res)
+            "reid_auc", "no_change_ssim", "seconds_per_image", "density"} <= set(res)
     assert res["n_priors"] == 2 and res["seeds"] == [0] and res["settings"]["region"] == "off"
     assert res["settings"]["sampler"]["num_inference_steps"] == 2
     assert set(res["lift"]) == set(DESCRIPTIONS) - {NO_CHANGE}
@@ -161,7 +181,8 @@ def test_cli_writes_follow_json(tmp_path, tiny_model_dir, monkeypatch):
     assert 0.0 <= res["outside_mask_share"]["mean"] <= 1.0              # region off: vs the auto region's mask
     assert {"Cardiomegaly", "Pneumothorax"} <= set(res["no_evaluator_head"])
     md = (out / "follow.md").read_text()
-    assert "| New right pleural effusion. |" in md and "train split" in md
+    assert "| New right pleural effusion. |" in md and "train split" in md and "## Density inside" in md
+    assert set(res["density"]) <= {d for d, t in DESCRIPTIONS.items() if t.density}
     assert (out / "follow_grid.png").stat().st_size > 1000
 
 

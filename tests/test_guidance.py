@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biomedjourney import dataset
-from biomedjourney.guidance import GUIDANCE_LABELS, GuidanceModel, dataset_targets, finding_loss, identity_loss
+from biomedjourney.guidance import (GUIDANCE_LABELS, GuidanceModel, dataset_targets, density_loss, finding_loss,
+                                    identity_loss, luminance, luminance_probe)
 from biomedjourney.pipeline import BiomedJourneyPipeline, NoiseOptimization, tiny_pipeline
 
 
@@ -67,6 +68,46 @@ def test_noise_optimisation_lowers_its_objective_and_keeps_its_step_bound(gpipe,
     plain = gpipe(prior, "New right pleural effusion.", num_images=2, seed=3, strength=0.6, change_transfer=True)
     assert plain.settings["noise_optimization"] is None
     assert max(np.abs(a - b).max() for a, b in zip(out.images, plain.images)) > 1e-4  # the noise did change
+
+
+def test_luminance_probe_recovers_a_linear_brightness_and_density_loss_is_one_sided():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    w = torch.tensor([0.3, -0.2, 0.1, 0.05])
+    block = torch.einsum("bchw,c->bhw", z, w)[0] + 0.5                                   # (8, 8) brightness per cell
+    image = block.repeat_interleave(4, 0).repeat_interleave(4, 1)                        # (32, 32): 4x4 blocks
+    probe = luminance_probe(z, image)
+    torch.testing.assert_close(probe, torch.cat([w, torch.tensor([0.5])]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(luminance(z, probe)[0], block, atol=1e-4, rtol=0)
+    ref = torch.zeros(1, 8, 8)
+    up = torch.zeros(1, 8, 8)
+    up[:, :4] = 1                                                                        # the finding is dense here
+    assert density_loss(ref + 0.1, ref, up).item() == 0.0                               # brighter: fine
+    assert density_loss(ref - 0.1, ref, up).item() == pytest.approx(0.1)                # darker where dense: penalised
+    assert density_loss(ref - 0.1, ref, -up).item() == 0.0                              # a lucent finding may darken
+    assert density_loss(ref - 0.1, ref, torch.zeros(1, 8, 8)).item() == 0.0             # no direction: free
+
+
+def test_density_guard_keeps_the_drawn_region_from_darkening(gpipe, prior):
+    drawing = prior.copy()
+    drawing[8:24, 4:16] = np.clip(drawing[8:24, 4:16] + 0.4, 0, 1)                       # a dense region drawn in
+    mask = np.zeros_like(prior)
+    mask[6:26, 2:18] = 1
+    kw = dict(num_images=2, seed=3, strength=0.6, change_transfer=True, mask_image=mask, init_image=drawing)
+    # ask the guidance model to take the effusion away with big steps: free, the region's brightness drifts
+    free = NoiseOptimization(targets={"pleural effusion": 0.0}, steps=6, lr=3.0, identity_weight=0, others_weight=0,
+                             density_weight=0)
+    guarded = NoiseOptimization(targets={"pleural effusion": 0.0}, steps=6, lr=3.0, identity_weight=0,
+                                others_weight=0, density_weight=1e3)
+    rep_free = gpipe(prior, "New right pleural effusion.", noise_optimization=free, **kw).settings["noise_optimization"]
+    rep = gpipe(prior, "New right pleural effusion.", noise_optimization=guarded, **kw).settings["noise_optimization"]
+    assert rep["density_weight"] == 1e3 and rep_free["density_weight"] == 0.0
+    assert rep_free["against_density"][0] == 0.0 and rep_free["against_density"][-1] > 1e-3    # drifted the wrong way
+    assert rep["against_density"][-1] < 0.2 * rep_free["against_density"][-1]                 # pulled back by the guard
+    # without a drawing there is no direction to guard
+    no_drawing = gpipe(prior, "New right pleural effusion.", num_images=1, seed=3, noise_optimization=guarded)
+    assert no_drawing.settings["noise_optimization"]["against_density"] == []
+    assert no_drawing.settings["noise_optimization"]["density_weight"] == 0.0
 
 
 def test_noise_optimisation_respects_its_time_budget(gpipe, prior):

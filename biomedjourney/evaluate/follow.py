@@ -11,6 +11,9 @@ per call), and measured:
     side          share of samples with > half of |generated - prior| on the named side's image half
     zone          share with > half of the lung-field change in the named vertical half of the lungs
     outside mask  share of |change| where the edit mask <= 0.05 (region off: the mask region auto would use)
+    density       inside the edit mask (> 0.5): the mean change in the finding's own direction (dense findings
+                  brighten the film, a pneumothorax darkens it), the share of pixels that moved the wrong way by
+                  more than 0.02, and the share of samples whose mean change there has the wrong sign
     identity      re-identification AUC (own prior vs other patients' priors) and SSIM(no-change, prior)
 
 Writes follow.json, follow.md and follow_grid.png. The evaluators are the evaluation battery, trained on
@@ -36,6 +39,8 @@ from .rendering_check import on_named_side
 
 MASK_INSIDE = 0.05   # edit mask > this counts as inside
 LUNG_INSIDE = 0.5    # soft lung mask > this is lung field
+MASK_CORE = 0.5      # edit mask > this: the region's core, where the finding's density is judged
+WRONG_WAY = 0.02     # a pixel changed by more than this against the finding's direction moved the wrong way
 
 
 @dataclass(frozen=True)
@@ -44,20 +49,21 @@ class Target:
     label: str | None
     side: str | None = None
     zone: str | None = None   # 'upper' | 'lower'
+    density: int = 0          # +1: the finding is denser than lung (brighter on the film), -1: more lucent, 0: none
 
 
 DESCRIPTIONS = {
-    "New right pleural effusion.": Target("Effusion", "right"),
-    "New left pleural effusion.": Target("Effusion", "left"),
-    "New pulmonary edema.": Target("Edema"),
-    "New right upper lobe consolidation.": Target("Opacity (any)", "right", "upper"),  # consolidation is an opacity
-    "New left lower lobe consolidation.": Target("Opacity (any)", "left", "lower"),
-    "New right lower lobe atelectasis.": Target("Atelectasis", "right", "lower"),
-    "New right lower lobe pneumonia.": Target("Pneumonia", "right", "lower"),
-    "New bilateral infiltrates.": Target("Infiltration"),
-    "New cardiomegaly.": Target("Cardiomegaly"),
-    "New right pneumothorax.": Target("Pneumothorax", "right"),
-    "New left pneumothorax.": Target("Pneumothorax", "left"),
+    "New right pleural effusion.": Target("Effusion", "right", density=1),
+    "New left pleural effusion.": Target("Effusion", "left", density=1),
+    "New pulmonary edema.": Target("Edema", density=1),
+    "New right upper lobe consolidation.": Target("Opacity (any)", "right", "upper", 1),  # consolidation is an opacity
+    "New left lower lobe consolidation.": Target("Opacity (any)", "left", "lower", 1),
+    "New right lower lobe atelectasis.": Target("Atelectasis", "right", "lower", 1),
+    "New right lower lobe pneumonia.": Target("Pneumonia", "right", "lower", 1),
+    "New bilateral infiltrates.": Target("Infiltration", density=1),
+    "New cardiomegaly.": Target("Cardiomegaly", density=1),       # the heart's soft tissue replaces lung at its border
+    "New right pneumothorax.": Target("Pneumothorax", "right", density=-1),   # air without lung markings
+    "New left pneumothorax.": Target("Pneumothorax", "left", density=-1),
     NO_CHANGE: Target(None),
 }
 GRID = ("New right pleural effusion.", "New left pleural effusion.", "New pulmonary edema.",
@@ -138,6 +144,15 @@ def outside_share(diff: np.ndarray, mask: np.ndarray | None) -> float:
     if mask is None or np.isnan(mask).any() or total <= 0:
         return float("nan")
     return float(a[mask <= MASK_INSIDE].sum() / total)
+
+
+def density_change(diff: np.ndarray, mask: np.ndarray | None, direction: int) -> tuple[float, float]:
+    """(mean change x direction, share of pixels changed against direction by > WRONG_WAY) inside the edit mask's
+    core (mask > MASK_CORE); NaNs without a mask, a core or a direction."""
+    if mask is None or np.isnan(mask).any() or not direction or not (mask > MASK_CORE).any():
+        return float("nan"), float("nan")
+    d = diff[mask > MASK_CORE] * direction
+    return float(d.mean()), float((d < -WRONG_WAY).mean())
 
 
 # ------------------------------------------------------------------------- generation
@@ -237,6 +252,26 @@ def outside_mask(g: Generated) -> dict:
     return out
 
 
+def density(g: Generated) -> dict:
+    """{description: {mean, wrong_pixels, wrong_samples}} for descriptions of a finding with a density direction:
+    the change inside the edit mask's core in the finding's direction (density_change), averaged over samples, and
+    the share of samples whose mean there moved the wrong way. Catches a classifier-pleasing change that darkens a
+    region the text says becomes dense."""
+    out = {}
+    for d in g.images:
+        direction = DESCRIPTIONS[d].density
+        if not direction:
+            continue
+        diffs = _diffs(g, d)
+        v = np.array([density_change(diffs[i, k], g.masks[d][i, k], direction)
+                      for i in range(len(g.priors)) for k in range(len(g.seeds))])     # (P*S, 2)
+        v = v[np.isfinite(v).all(1)]
+        if len(v):
+            out[d] = {"mean": float(v[:, 0].mean()), "wrong_pixels": float(v[:, 1].mean()),
+                      "wrong_samples": float((v[:, 0] < 0).mean())}
+    return out
+
+
 def identity(g: Generated, ev) -> dict:
     """Re-identification AUC of every generated image vs its own prior (negatives: other patients' priors,
     each prior once), per seed and pooled; SSIM of the no-change output to its prior."""
@@ -286,7 +321,7 @@ def summarise(g: Generated, ev, settings: dict) -> dict:
     return {
         "settings": settings, "n_priors": len(g.priors), "seeds": list(g.seeds),
         "lift": lifts, "diagonal": diagonal(lifts, named), "side_accuracy": side_accuracy(g), "zone_accuracy": zone_accuracy(g),
-        "outside_mask_share": outside_mask(g), "reid_auc": ident["reid_auc"],
+        "outside_mask_share": outside_mask(g), "density": density(g), "reid_auc": ident["reid_auc"],
         "no_change_ssim": ident["no_change_ssim"], "seconds_per_image": g.seconds / max(n, 1),
         "reid_auc_per_seed": ident["reid_auc_per_seed"], "generation_seconds": g.seconds, "n_images": n,
         "named_label": named,
@@ -371,6 +406,14 @@ def markdown(res: dict, title: str) -> str:
         lines.append(f"| {d} | {_fmt(res['side_accuracy'].get(d))} | {_fmt(res['zone_accuracy'].get(d))} | "
                      f"{_fmt(res['outside_mask_share'].get(d))} |")
     lines += ["", f"Mean outside-mask share: {_fmt(res['outside_mask_share'].get('mean'))}.", "",
+              f"## Density inside the edit mask (core > {MASK_CORE}): does the region move the finding's way?", "",
+              "Dense findings should brighten it, a pneumothorax darken it. Mean: the change times that direction; "
+              f"wrong pixels: share moved the other way by > {WRONG_WAY}; wrong samples: share whose mean moved "
+              "the other way.", "", "| description | mean change (finding's way) | wrong pixels | wrong samples |",
+              "|---|---|---|---|"]
+    lines += [f"| {d} | {_fmt(v['mean'])} | {_fmt(v['wrong_pixels'])} | {_fmt(v['wrong_samples'])} |"
+              for d, v in res.get("density", {}).items()]
+    lines += ["",
               "## Identity and cost", "",
               f"- re-identification AUC (generated vs own prior, other patients' priors as negatives): "
               f"{_fmt(res['reid_auc'])} (per seed {_fmt(res['reid_auc_per_seed']['mean'])} ± "
