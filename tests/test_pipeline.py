@@ -92,10 +92,24 @@ def test_save_load_round_trip_gives_identical_images(pipe, prior, tmp_path):
     loaded = BiomedJourneyPipeline.from_pretrained(tmp_path / "m", device="cpu")
     a = pipe(prior, "new effusion", num_images=2, seed=5, num_inference_steps=3)
     b = loaded(prior, "new effusion", num_images=2, seed=5, num_inference_steps=3)
-    for x, y in zip(a.images, b.images):
-        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.images, b.images):  # the loaded weights are the same numbers in NHWC order (channels_last)
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
     assert loaded.defaults == pipe.defaults
     assert (loaded.config.resolution, loaded.config.aspect) == (pipe.config.resolution, pipe.config.aspect)
+
+
+def test_loaded_weights_are_channels_last_and_save_back_bit_identical(pipe, tmp_path):
+    from safetensors.torch import load_file
+    pipe.save_pretrained(tmp_path / "a")
+    loaded = BiomedJourneyPipeline.from_pretrained(tmp_path / "a", device="cpu")
+    assert loaded.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert loaded.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    loaded.save_pretrained(tmp_path / "b")      # safetensors refuses non-contiguous tensors: contiguous copies
+    assert loaded.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)   # the pipeline keeps NHWC
+    for sub in ("unet", "vae"):
+        a = load_file(tmp_path / "a" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "b" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fp16_export_is_half_the_size_and_still_generates(pipe, prior, tmp_path):

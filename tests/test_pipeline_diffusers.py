@@ -30,7 +30,7 @@ def test_diffusion_pipeline_loads_the_folder_through_its_custom_pipeline_file(pi
     ours = BiomedJourneyPipeline.from_pretrained(folder, device="cpu")
     a = generic(prior, TEXT, num_images=1, seed=2, num_inference_steps=3)
     b = ours(prior, TEXT, num_images=1, seed=2, num_inference_steps=3)
-    np.testing.assert_array_equal(a.images[0], b.images[0])
+    np.testing.assert_allclose(a.images[0], b.images[0], atol=1e-5, rtol=0)  # ours loads NHWC (channels_last)
     assert ours.defaults == pipe.defaults and ours.info == pipe.info
 
 

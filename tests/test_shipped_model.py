@@ -56,7 +56,8 @@ def test_same_seed_same_images_as_before_the_diffusers_refactor(rg1_path, case):
     else:
         out = pipe(rg1_path, "New right pleural effusion.", num_images=2, seed=3, **BEFORE_REFACTOR[case])
     got = np.stack(out.images).reshape(2, 32, 8, 32, 8).mean((2, 4))
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # NHWC weights (channels_last) sum in another order: measured up to 2.5e-5 off at 1 thread (NCHW: exactly 0)
+    np.testing.assert_allclose(got, expected, atol=5e-5, rtol=0)
 
 
 def test_shipped_model_keeps_the_patient_for_no_change_and_changes_more_for_a_finding(rg1_path):
