@@ -794,7 +794,7 @@ def build_demo() -> gr.Blocks:
                                                        "the starting noise so that a separately trained classifier "
                                                        "finds the described finding "
                                                        "and the patient is kept. The default 4 steps about double the "
-                                                       "time (4 images: 3.8 s instead of 1.9 s on 2 CPU cores); a "
+                                                       "time (4 images: about 4 s instead of 2 s on 2 CPU cores); a "
                                                        "density guard keeps dense regions from darkening. The edema "
                                                        "haze comes out denser, other findings hardly change (model "
                                                        "card).")
