@@ -94,8 +94,9 @@ def generate_inputs(api: dict, prior_path: str, n: int, seed: int = 0) -> dict:
 
 
 def first_image(client, kwargs: dict) -> tuple[float, float, list, dict]:
-    """Seconds from submit to the first output holding images (generate yields the images first, then the
-    heatmaps and files), seconds to the last output; the gallery and the settings."""
+    """Seconds from submit to the first output holding images, seconds to the last output (equal while the app's
+    generate returns once; a handler yielding the images before the heatmaps and files would show them apart);
+    the gallery and the settings."""
     t0 = time.perf_counter()
     job = client.submit(api_name="/generate", **kwargs)
     first = None

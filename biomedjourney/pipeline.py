@@ -150,7 +150,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         dtype=torch.float16 writes a half-precision copy without touching this pipeline's weights."""
         folder = Path(save_directory)
         pipe = self
-        if dtype is not None or not all(p.is_contiguous() for p in self.unet.parameters()):
+        convs = [m for m in (self.unet, self.vae, self.guidance_model) if m is not None]
+        if dtype is not None or not all(p.is_contiguous() for m in convs for p in m.parameters()):  # channels_last
             gm = None if self.guidance_model is None else _copy_to(self.guidance_model, dtype)
             pipe = type(self)(unet=_copy_to(self.unet, dtype), vae=_copy_to(self.vae, dtype), scheduler=self.scheduler,
                               text_encoder=self.text_encoder, guidance_model=gm, resolution=self.resolution,
@@ -463,7 +464,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                            prior_img: np.ndarray | None):
         """The density guard's (probe (C+1,), direction (B, h, w)): the sign of the brightness change the drawing
         (the start picture) made to the prior in each latent cell inside the mask's core (guidance.luminance_probe,
-        fitted on the prior), where it exceeds density_threshold. None when off, or without a drawing or prior."""
+        fitted on the prior), where it exceeds density_threshold. Computed whatever density_weight is (the report
+        carries it); None without a drawing or a prior, or where the drawing changed nothing inside the mask."""
         if prior_img is None or start_lat is s["prior_lat"]:
             return None
         probe = luminance_probe(s["prior_lat"][:1], torch.from_numpy(np.asarray(prior_img, np.float32)))
