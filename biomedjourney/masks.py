@@ -169,8 +169,10 @@ EFFUSION_MARGIN = 8.0   # px at 256: the pleural space beyond the lung mask (che
 EFFUSION_BELOW = 0.2    # of the lung's height: how far below the lung mask's lowest row the pleural space may reach
 # (medial height, lateral rise) of the fluid as fractions of the lung's height. The lung masks (V7) include the
 # lung behind the hemidiaphragm dome, already as dense as fluid there, so the heights count from the mask's lowest
-# row: "moderate" reaches about the visible lower third.
-EFFUSION_HEIGHT = {"mild": (0.08, 0.14), "moderate": (0.28, 0.14), "severe": (0.45, 0.15)}
+# row: "moderate" reaches about the visible lower third. The rise is the meniscus: fluid climbs the lateral chest wall
+# well above its medial level (a mild one is mostly a blunted lateral angle), steepest at the wall (lateralness^2.5).
+EFFUSION_HEIGHT = {"mild": (0.06, 0.22), "moderate": (0.24, 0.30), "severe": (0.38, 0.22)}
+MENISCUS_POWER = 2.5
 
 
 def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
@@ -183,7 +185,7 @@ def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
     if f is None:
         return np.full((h, w), -1.0, np.float32)
     base, rise = EFFUSION_HEIGHT[severity]
-    edge = f.bottom - f.height * (base + rise * f.lateralness() ** 2)   # (W,) meniscus row, higher laterally
+    edge = f.bottom - f.height * (base + rise * f.lateralness() ** MENISCUS_POWER)   # (W,) meniscus row
     rows, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w)
     lo, hi = sorted((f.medial, f.lateral))
     half = np.zeros(w, bool)
@@ -225,10 +227,17 @@ def _edema(f: Finding, a: Anatomy) -> np.ndarray:
 
 # Air-space opacity / consolidation fills the named lobe or zone (Fleischner glossary: "consolidation");
 # without a zone, the lower two thirds (pneumonia is most often basal; Felson).
-def _airspace(f: Finding, a: Anatomy) -> np.ndarray:
+# Going away ("resolved", "decreased") with no place named: it may have been anywhere, so the whole lung(s).
+def airspace_region(f: Finding, a: Anatomy) -> np.ndarray:
     if f.zone != "none":
         return zone_mask(a, f.side, f.zone) > 0.5
+    if _receding(f):
+        return zone_mask(a, f.side, "none") > 0.5
     return np.maximum(zone_mask(a, f.side, "middle"), zone_mask(a, f.side, "lower")) > 0.5
+
+
+def _receding(f: Finding) -> bool:
+    return f.change in ("decreased", "resolved")
 
 
 # Plate-like (discoid) atelectasis: a horizontal or slightly oblique linear band 1-3 mm to a few cm
@@ -249,10 +258,77 @@ def atelectasis_band(anatomy: Anatomy, side: str, zone: str, severity: str) -> n
     return np.where(inside, rows - centre[None, :], np.inf).astype(np.float32)
 
 
+# Lobar collapse (a named lobe: zone upper / middle / lower): the airless lobe is a wedge of soft-tissue density with
+# its apex at the hilum and a sharp border along the displaced fissure, plus signs of volume loss. Lower lobe: a
+# triangle in the medial base (behind the heart on the left), the medial hemidiaphragm obscured and the hemidiaphragm
+# raised; upper lobe: a wedge along the upper mediastinum under an elevated fissure; middle lobe: a triangle on the
+# heart border (Proto & Tocino, Semin Roentgenol 1980;15:117; Felson ch. "Lobar collapse").
+LOBAR_ZONES = ("upper", "middle", "lower")
+COLLAPSE_WIDTH = {"mild": 0.45, "moderate": 0.55, "severe": 0.65}     # wedge base, share of the lung's width
+DIAPHRAGM_LIFT = {"mild": 0.04, "moderate": 0.07, "severe": 0.10}     # of the lung's height (lower lobe)
+
+
+def is_lobar(f: Finding) -> bool:
+    """Atelectasis of a named lobe (zone upper / middle / lower) is drawn as lobar collapse, else plate-like."""
+    return f.name == "atelectasis" and f.zone in LOBAR_ZONES
+
+
+def collapse_wedge(anatomy: Anatomy, side: str, zone: str, severity: str) -> np.ndarray:
+    """(H, W) float32: signed px inside the collapsed lobe's fissure border (> 0 inside; the border is where it is
+    0), within the lung (grown 4 px toward the mediastinum); -inf outside the lung."""
+    f = lung_frame(anatomy, side)
+    h, w = anatomy.shape
+    if f is None or zone not in LOBAR_ZONES:
+        return np.full((h, w), -np.inf, np.float32)
+    px = scale_px((h, w))
+    span = float(f.lateral - f.medial)                                      # signed: toward the chest wall
+    hy = f.top + 0.5 * f.height                                             # the hilum's row
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    lat = (x - f.medial) / span * abs(span)                                 # px from the medial edge, toward the wall
+    b = COLLAPSE_WIDTH[severity] * abs(span)
+    if zone == "middle":                                                    # apex lateral, base on the heart border
+        reach = b * (1 - np.abs(y - hy) / (0.17 * f.height))
+    else:                                                                   # apex at the hilum, base at apex / base
+        far = f.bottom if zone == "lower" else f.top
+        t = np.clip((y - hy) / (far - hy), 0, 1)
+        t = np.sqrt(t) if zone == "upper" else t                            # the raised fissure curves up laterally
+        reach = 0.12 * abs(span) + t * (b - 0.12 * abs(span))
+        reach = np.where((y - hy) * (far - hy) >= 0, reach, -np.inf)
+    lung = f.core if zone == "upper" else _dilate(f.core, 4 * px)           # lower / middle: up to the mediastinum
+    half = np.zeros((h, w), bool)
+    half[:, image_half(side, w)] = True
+    lung &= half
+    return np.where(lung, reach - lat, -np.inf).astype(np.float32)
+
+
+def diaphragm_lift(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
+    """(H, W) float32 px: how far up the content of each pixel comes from (a raised hemidiaphragm after lower lobe
+    collapse): largest at the lung's base, zero at the hilum and 30% of the lung's height below the base."""
+    f = lung_frame(anatomy, side)
+    h, w = anatomy.shape
+    if f is None:
+        return np.zeros((h, w), np.float32)
+    lift = DIAPHRAGM_LIFT[severity] * f.height
+    y = np.arange(h, dtype=np.float32)
+    hy, low = f.top + 0.5 * f.height, f.bottom + 0.3 * f.height
+    v = np.where(y <= f.bottom, _smoothstep((y - hy) / (f.bottom - hy)), 1 - _smoothstep((y - f.bottom) / (low - f.bottom)))
+    lo, hi = sorted((f.medial, f.lateral))
+    x, ramp = np.arange(w, dtype=np.float32), 10 * scale_px((h, w))
+    cols = _smoothstep((x - lo) / ramp) * _smoothstep((hi - x) / ramp)        # (W,) the lung's columns, soft ends
+    return (lift * v[:, None] * cols[None, :]).astype(np.float32)
+
+
 def _atelectasis(f: Finding, a: Anatomy) -> np.ndarray:
-    t = ATELECTASIS_THICKNESS[severity_of(f)] * scale_px(a.shape)
-    return np.maximum.reduce([np.abs(atelectasis_band(a, s, f.zone, severity_of(f))) <= t / 2 + 1
-                              for s in sides_of(f.side)])
+    sev = severity_of(f)
+    if _receding(f) and f.zone == "none":
+        return zone_mask(a, f.side, "none") > 0.5
+    if is_lobar(f):
+        parts = [collapse_wedge(a, s, f.zone, sev) > -2 * scale_px(a.shape) for s in sides_of(f.side)]
+        if f.zone == "lower":
+            parts += [_dilate(diaphragm_lift(a, s, sev) > 0.3, 2 * scale_px(a.shape)) for s in sides_of(f.side)]
+        return np.maximum.reduce(parts)
+    t = ATELECTASIS_THICKNESS[sev] * scale_px(a.shape)
+    return np.maximum.reduce([np.abs(atelectasis_band(a, s, f.zone, sev)) <= t / 2 + 1 for s in sides_of(f.side)])
 
 
 # Cardiomegaly: cardiothoracic ratio > 0.5 on a PA film; the silhouette widens, mostly to the left
@@ -367,15 +443,16 @@ def _lung_zone(f: Finding, a: Anatomy) -> np.ndarray:
     return zone_mask(a, f.side, f.zone) > 0.5
 
 
-SHAPES = {"pleural effusion": _effusion, "pulmonary edema": _edema, "consolidation": _airspace,
-          "opacity": _airspace, "pneumonia": _airspace, "atelectasis": _atelectasis, "cardiomegaly": _cardiomegaly,
+SHAPES = {"pleural effusion": _effusion, "pulmonary edema": _edema, "consolidation": airspace_region,
+          "opacity": airspace_region, "pneumonia": airspace_region, "atelectasis": _atelectasis, "cardiomegaly": _cardiomegaly,
           "pneumothorax": _pneumothorax, "nodule": _blob, "mass": _blob}
 SHAPE_NOTES = {"pleural effusion": "dependent base and costophrenic angle up to a meniscus rising laterally",
                "pulmonary edema": "perihilar (bat-wing) and basal regions of both lungs",
-               "consolidation": "the named zone (lower two thirds without one)",
-               "opacity": "the named zone (lower two thirds without one)",
-               "pneumonia": "the named zone (lower two thirds without one)",
-               "atelectasis": "a plate-like band in the named zone (top of the lower zone without one)",
+               "consolidation": "the named zone (without one: the lower two thirds; going away: the whole lung)",
+               "opacity": "the named zone (without one: the lower two thirds; going away: the whole lung)",
+               "pneumonia": "the named zone (without one: the lower two thirds; going away: the whole lung)",
+               "atelectasis": "a named lobe: its collapsed wedge (apex at the hilum) and, for a lower lobe, the raised "
+                              "hemidiaphragm; otherwise a plate-like band in the named zone (top of the lower zone)",
                "cardiomegaly": "the heart and its borders, widened",
                "pneumothorax": "a rim along the apical and lateral chest wall",
                "nodule": "a round region in the named zone", "mass": "a round region in the named zone"}
@@ -468,6 +545,6 @@ def painted_mask(layers, size: int) -> np.ndarray:
 
 __all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
-           "effusion_depth", "edema_weight", "atelectasis_band", "pneumothorax_distance", "pneumothorax_width",
+           "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift", "is_lobar", "pneumothorax_distance", "pneumothorax_width",
            "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING",
            "mask_overlay", "mask_layer", "painted_mask", "MASK_COLOUR"]

@@ -21,9 +21,10 @@ from scipy import ndimage
 
 from .anatomy import Anatomy
 from .findings.schema import Finding
-from .masks import (atelectasis_band, blob_centre, blob_radius, cardiac_displacement, edema_weight, edit_mask,
+from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement, collapse_wedge,
+                    diaphragm_lift, edema_weight, edit_mask, is_lobar,
                     effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width,
-                    scale_px, severity_of, sides_of, zone_mask, ATELECTASIS_THICKNESS)
+                    scale_px, severity_of, sides_of, ATELECTASIS_THICKNESS, EFFUSION_BELOW)
 
 RENDERED_FINDINGS = frozenset({"pleural effusion", "pulmonary edema", "consolidation", "opacity", "pneumonia",
                                "atelectasis", "cardiomegaly", "pneumothorax", "nodule", "mass"})
@@ -103,14 +104,35 @@ def draw_effusion(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]
         fr = lung_frame(c.anatomy, s)
         if fr is None:
             continue
-        inside = ndimage.distance_transform_edt(d > -0.5)                    # px from the pleural space's border
-        alpha = (smoothstep(d / (10 * c.px)) * (0.85 + 0.15 * smoothstep(d / (24 * c.px)))   # hazy meniscus
-                 * smoothstep(inside / (5 * c.px)))                         # fades into chest wall / abdomen
+        space = d > -0.5
+        inside = ndimage.distance_transform_edt(space)                      # px from the pleural space's border
+        alpha = (smoothstep(d / (18 * c.px)) * (0.85 + 0.15 * smoothstep(d / (36 * c.px)))   # the fluid thins upward:
+                 * smoothstep(inside / (5 * c.px))                          # an ill-defined meniscus, no fluid level;
+                 * smoothstep(_from_medial_end(space, fr) / (14 * c.px))    # fades into the chest wall, heart
+                 * (1 - smoothstep(_below_lung(fr, img.shape[0]) / (EFFUSION_BELOW * fr.height))))   # and abdomen
         level = _fluid_level(img, fr, c) + 0.012 * noise_field(img.shape, c.gen, 10 * c.px)
         img = densify(img, alpha, level, keep_detail=0.2, sigma=4 * c.px)
     return img, (f"basal opacity of fluid (water) density, as bright as this film's soft tissue below the "
                  f"hemidiaphragm (at least its cardiac shadow, {c.levels.soft_tissue:.2f}), up to a meniscus rising "
                  "laterally (Damoiseau's curve), the costophrenic angle and hemidiaphragm obscured")
+
+
+def _below_lung(fr, h: int) -> np.ndarray:
+    """(H, 1) px below the lung mask's lowest row (0 above it)."""
+    return np.maximum(np.arange(h, dtype=np.float32) - fr.bottom, 0)[:, None]
+
+
+def _from_medial_end(space: np.ndarray, fr) -> np.ndarray:
+    """(H, W) px from the medial end of each row of `space` (H, W bool), toward the chest wall; 0 outside."""
+    w = space.shape[1]
+    x = np.arange(w, dtype=np.float32)[None, :]
+    if fr.lateral_sign > 0:                                                  # medial end = smallest column in the row
+        end = np.where(space, x, w).min(1, keepdims=True)
+        dist = x - end
+    else:
+        end = np.where(space, x, -1).max(1, keepdims=True)
+        dist = end - x
+    return np.where(space, np.maximum(dist, 0), 0).astype(np.float32)
 
 
 def _fluid_level(img: np.ndarray, fr, c: Ctx) -> np.ndarray:
@@ -171,7 +193,7 @@ AIRSPACE = {"consolidation": (0.8, 0.35, True), "pneumonia": (0.75, 0.4, True), 
 def draw_airspace(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
     dens, keep, bronchograms = AIRSPACE[f.name]
     sev = severity_of(f)
-    region = ndimage.gaussian_filter(_airspace_region(f, c.anatomy).astype(np.float32), 4 * c.px)
+    region = ndimage.gaussian_filter(airspace_region(f, c.anatomy).astype(np.float32), 4 * c.px)
     field_ = 0.7 * noise_field(img.shape, c.gen, 9 * c.px) + 0.3 * noise_field(img.shape, c.gen, 3 * c.px)
     bias = {"mild": -0.3, "moderate": 0.4, "severe": 1.2}[sev]
     patchy = 1 / (1 + np.exp(-(field_ + bias) / 0.35))                       # smooth random field, soft threshold
@@ -182,12 +204,6 @@ def draw_airspace(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]
         img = img - _bronchograms(alpha, c) * 0.2 * (c.levels.soft_tissue - c.levels.lung)
         note += " with air bronchograms"
     return img, note
-
-
-def _airspace_region(f: Finding, a: Anatomy) -> np.ndarray:
-    if f.zone != "none":
-        return zone_mask(a, f.side, f.zone) > 0.5
-    return np.maximum(zone_mask(a, f.side, "middle"), zone_mask(a, f.side, "lower")) > 0.5
 
 
 def _bronchograms(alpha: np.ndarray, c: Ctx) -> np.ndarray:
@@ -214,6 +230,8 @@ def _bronchograms(alpha: np.ndarray, c: Ctx) -> np.ndarray:
 # (Fleischner glossary: "atelectasis, linear"; Felson).
 def draw_atelectasis(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
     sev = severity_of(f)
+    if is_lobar(f):
+        return draw_lobar_collapse(img, f, c)
     half = ATELECTASIS_THICKNESS[sev] * c.px / 2
     for s in sides_of(f.side):
         d = np.abs(atelectasis_band(c.anatomy, s, f.zone, sev))
@@ -221,6 +239,34 @@ def draw_atelectasis(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, s
         alpha = ndimage.gaussian_filter(smoothstep((half + 1 - d) / 2) * ends, 0.8 * c.px) * 0.5
         img = densify(img, alpha, c.levels.soft_tissue, keep_detail=0.3, sigma=1.5 * c.px)
     return img, "a linear plate-like band of soft-tissue density (no volume loss drawn)"
+
+
+# Lobar collapse (shape and citations in masks.collapse_wedge): for a lower lobe the hemidiaphragm is raised first
+# (a vertical warp), then the airless lobe is drawn at soft-tissue density, densest at its base, with a sharp
+# fissure border and the vessels inside it lost.
+def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    sev = severity_of(f)
+    lifted = ""
+    for s in sides_of(f.side):
+        if f.zone == "lower":
+            dy = diaphragm_lift(c.anatomy, s, sev)                          # (H, W) px
+            h, w = img.shape
+            y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+            img = ndimage.map_coordinates(img, [y + dy, x], order=3, mode="nearest").astype(np.float32)
+            lifted = f", the hemidiaphragm raised by up to {dy.max():.0f} px (volume loss)"
+        wedge = collapse_wedge(c.anatomy, s, f.zone, sev)                  # px inside the fissure border
+        fr = lung_frame(c.anatomy, s)
+        if fr is None:
+            continue
+        far = abs((fr.bottom if f.zone != "upper" else fr.top) - (fr.top + 0.5 * fr.height))
+        toward_base = np.clip(np.abs(np.arange(img.shape[0]) - (fr.top + 0.5 * fr.height)) / max(far, 1), 0, 1)
+        soft_lung = ndimage.gaussian_filter(np.isfinite(wedge).astype(np.float32), 3 * c.px)
+        alpha = (smoothstep(wedge / (1.5 * c.px) + 0.5) * soft_lung           # sharp along the fissure only
+                 * (0.55 + 0.35 * smoothstep(toward_base / 0.6))[:, None]) # thin at the hilum, dense at the base
+        # sigma 6 px: ribs lie over the lobe and stay (half their contrast); the vessels inside it fade
+        img = densify(img, np.nan_to_num(alpha), c.levels.soft_tissue, keep_detail=0.45, sigma=6 * c.px)
+    return img, (f"lobar collapse of the {f.zone} lobe: a wedge of soft-tissue density from the hilum, sharply "
+                 f"bounded by the displaced fissure, vessels inside it lost{lifted}")
 
 
 # Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio up 10-20% by severity), mostly to
@@ -284,18 +330,47 @@ DRAW: dict[str, Callable[[np.ndarray, Finding, Ctx], tuple[np.ndarray, str]]] = 
 
 
 # ------------------------------------------------------------------------- decreased / resolved
+ENVELOPE_PERCENTILE = 40   # the baseline is refitted to the darker 40% of the lungs about it (a lower envelope)
+EXCESS_MARGIN = 2.0        # density above baseline + this many median absolute residuals counts as a finding
+
+
+def aerated_baseline(lp: np.ndarray, lungs: np.ndarray, iterations: int = 5) -> tuple[np.ndarray, float]:
+    """A smooth model of the lungs' brightness where aerated: a plane in (row, distance from the midline) plus a
+    rim term (the brighter band where the chest wall and ribs overlap the lung's edge), fitted to the low-passed
+    film `lp` (H, W) over both `lungs` (H, W bool) together, then refitted to its darker part about the fit
+    (ENVELOPE_PERCENTILE: a lower envelope). The other lung and the stiff model keep an opacity, even one filling
+    most of a lung, from lifting it. Returns ((H, W) baseline, the spread about it (median absolute residual))."""
+    h, w = lp.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rim = np.exp(-ndimage.distance_transform_edt(lungs) / (0.04 * min(h, w)))  # ribs and chest wall overlap the edge
+    basis = np.stack([np.ones_like(x), np.abs(x / w - 0.5), y / h - 0.5, rim], -1)   # (H, W, 4), mirror-symmetric
+    keep = lungs.copy()
+    for _ in range(iterations):
+        coef, *_ = np.linalg.lstsq(basis[keep], lp[keep], rcond=None)
+        res = lp - basis @ coef
+        keep = lungs & (res <= np.percentile(res[lungs], ENVELOPE_PERCENTILE))
+    fit = (basis @ coef).astype(np.float32)
+    return fit, float(np.median(np.abs(lp[keep] - fit[keep])))
+
+
 def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
-    """Approximate removal: inside the lung, pull the region's local mean down toward the aerated lung of
-    this film (resolved: fully, decreased: half), keeping the fine detail. It cannot restore hidden anatomy."""
+    """Approximate removal inside the lungs (resolved: fully, decreased: half): the broad density (low-passed at
+    8 px, so ribs and vessels stay) is lowered only where it exceeds the lungs' own aerated baseline
+    (`aerated_baseline`; by EXCESS_MARGIN). The lungs keep their gradient (brighter bases, the rim), and where they
+    are already clear nothing changes (no lucent band or dark base where nothing was). It cannot restore anatomy a dense finding hid."""
     k = 1.0 if f.change == "resolved" else 0.5
-    lungs = np.asarray(c.anatomy.lung(f.side if f.side in ("right", "left") else "bilateral")) > 0.5
-    outside = lungs & (region < 0.05)
-    ref = float(np.median(img[outside])) if outside.sum() > 50 else c.levels.lung
-    lp = _lowpass(img, 5 * c.px)
-    in_lung = ndimage.gaussian_filter(lungs.astype(np.float32), 3 * c.px)   # never the heart, liver, chest wall
-    img = img + k * region * in_lung * (np.minimum(lp, ref) - lp)
-    return img, (f"{'removed' if k == 1 else 'reduced'} by lowering the density toward this film's aerated lung "
-                 f"({ref:.2f}); the removal is approximate")
+    not_heart = 1 - ndimage.gaussian_filter(np.asarray(c.anatomy.heart, np.float32), 6 * c.px)   # the heart is
+    lungs = (np.asarray(c.anatomy.lung("bilateral")) > 0.5) & (not_heart > 0.5)                 # not an opacity
+    if lungs.sum() < 400:
+        return img, "not removed: no lung field found"
+    w = lungs.astype(np.float32)                                  # low-pass of the lungs alone: the chest wall and
+    lp = _lowpass(img * w, 8 * c.px) / np.maximum(_lowpass(w, 8 * c.px), 1e-3)   # heart stay out of it
+    base, mad = aerated_baseline(lp, lungs)
+    excess = ndimage.gaussian_filter(np.maximum(lp - base - EXCESS_MARGIN * mad, 0) * w, 3 * c.px)
+    in_lung = ndimage.gaussian_filter(np.asarray(c.anatomy.lung("bilateral"), np.float32), 3 * c.px)
+    img = img - k * region * in_lung * not_heart * excess
+    return img, (f"{'removed' if k == 1 else 'reduced'} by lowering the broad density to the lungs' aerated baseline "
+                 "(a smooth fit to their clear parts); the removal is approximate")
 
 
 # ------------------------------------------------------------------------- entry point

@@ -65,6 +65,29 @@ def test_effusion_meniscus_rises_laterally(side):
     assert top_row(0.55) - top_row(0.74) < top_row(0.74) - top_row(0.92)          # concave-up: steeper laterally
 
 
+def test_named_lobe_atelectasis_is_a_collapse_wedge_else_a_plate():
+    f = lung_frame(A, "right")
+    low, up = m(name="atelectasis", side="right", zone="lower"), m(name="atelectasis", side="right", zone="upper")
+    plate = m(name="atelectasis", side="right", zone="base")
+    assert centroid(low)[0] > f.top + 0.55 * f.height and centroid(up)[0] < f.top + 0.45 * f.height
+    for wedge in (low, up):                                                      # medial: apex at the hilum
+        assert abs(centroid(wedge)[1] - f.medial) < abs(centroid(wedge)[1] - f.lateral)
+    assert plate.sum() < 0.6 * low.sum()                                          # a band, not a lobe
+    assert low[f.bottom + 5:, :128].sum() > 0                                     # the raised hemidiaphragm is edited
+    assert low[:, 128:].sum() < 0.02 * low.sum()                                  # patient's right (image left)
+
+
+def test_receding_finding_with_no_place_may_have_been_anywhere_in_the_lungs():
+    lungs = A.lung("bilateral") > 0.5
+    f = lung_frame(A, "right")
+    apex = np.zeros_like(lungs)
+    apex[: f.top + int(0.25 * f.height)] = True
+    for name in ("pneumonia", "opacity", "atelectasis"):
+        assert m(name=name, change="resolved")[lungs & apex].mean() > 0.9, name   # the upper zones too
+        assert m(name=name, change="new")[lungs & apex].max() < 0.5, name           # new: where it usually appears
+    assert m(name="pneumonia", zone="upper", change="resolved")[lungs & ~apex].sum() < lungs.sum() / 2
+
+
 def test_edema_is_bilateral_and_perihilar():
     e = m(name="pulmonary edema")
     assert 0.35 < image_left_share(e) < 0.65

@@ -33,6 +33,7 @@ def test_python_m_evaluate_without_data_exits_2(tmp_path):
     ("biomedjourney.evaluate.__main__", ["--split", "val", "--out", "OUT"]),
     ("biomedjourney.evaluate.fidelity", ["--out", "OUT"]),
     ("biomedjourney.evaluate.follow", ["--out", "OUT"]),
+    ("biomedjourney.evaluate.removal", ["--out", "OUT"]),
     ("train.train_evaluators", ["--out", "OUT"]),
 ])
 def test_evaluation_mains_without_data_exit_2(module, argv, tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width
+from biomedjourney.masks import EFFUSION_BELOW, effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
 A = atlas_anatomy((256, 256))
@@ -60,6 +60,56 @@ def test_effusion_brightens_the_base_on_its_side():
     assert gain[: f.top + f.height // 2].max() < 0.02                              # not the upper lung
     assert np.abs(gain[:, :128]).sum() > 0.97 * np.abs(gain).sum()                # image left = patient's right
     assert "meniscus" in r.notes[0]
+
+
+def test_effusion_edges_fade_no_box():
+    """The fluid thins toward the meniscus and fades into the heart medially: no straight cut at the region's medial
+    column where fluid (as bright as the liver below) is brighter than a dim cardiac shadow, no sharp fluid level."""
+    f = lung_frame(A, "right")
+    prior = phantom(heart_level=0.6)
+    prior[f.bottom + 2:] = np.maximum(prior[f.bottom + 2:], 0.9)                  # liver / abdomen brighter than heart
+    gain = render(Finding(name="pleural effusion", side="right", severity="moderate"), prior=prior).image - prior
+    d = effusion_depth(A, "right", "moderate")
+    row = f.bottom - 5
+    cols = np.nonzero(d[row] > 0)[0]
+    medial_end = cols.max()                                                      # right lung: medial = higher columns
+    assert gain[row, medial_end - 3:medial_end + 1].max() < 0.25 * gain[row, cols].max()
+    col = (f.medial + f.lateral) // 2
+    top = np.nonzero(d[:, col] > 0)[0].min()
+    assert gain[top + 4, col] < 0.3 * gain[top + 30, col]                        # hazy meniscus, not a level
+
+
+def test_effusion_fades_out_below_the_lung():
+    """Below the lung mask's lowest row (the pleural space past the hemidiaphragm) the fluid fades out, so a gastric
+    bubble there keeps most of its lucency instead of ending in a horizontal edge."""
+    f = lung_frame(A, "left")
+    below = int(EFFUSION_BELOW * f.height)
+    prior = PRIOR.copy()
+    prior[f.bottom + 3:f.bottom + below + 3] = 0.35                              # gas under the left hemidiaphragm
+    gain = render(Finding(name="pleural effusion", side="left", severity="moderate"), prior=prior).image - prior
+    col = (f.medial + f.lateral) // 2
+    assert gain[f.bottom + int(0.75 * below), col] < 0.3 * gain[f.bottom - 10, col]
+
+
+def test_lower_lobe_collapse_raises_the_hemidiaphragm_and_densifies_a_medial_wedge():
+    f = lung_frame(A, "right")
+    r = render(Finding(name="atelectasis", side="right", zone="lower", severity="moderate"))
+    gain = r.image - PRIOR
+    col = int(f.medial + 0.8 * (f.lateral - f.medial))                           # lateral base: outside the wedge
+    def dome(img):                                                               # first row, from mid-lung down, of the
+        rows = np.arange(f.top + f.height // 2, 256)                             # body below the lung
+        return int(rows[np.argmax(ndimage.uniform_filter1d(img[rows, col], 5) > 0.6)])
+    assert dome(PRIOR) - dome(r.image) >= 0.5 * 0.07 * f.height                   # raised (DIAPHRAGM_LIFT moderate)
+    rows = slice(f.bottom - int(0.3 * f.height), f.bottom - int(0.1 * f.height))
+    lungs = (A.right_lung > 0.5) & (A.heart < 0.5)
+    medial = np.zeros_like(lungs)
+    medial[rows, f.medial - 25:f.medial - 5] = True                              # right lung: medial = higher columns
+    lateral = np.zeros_like(lungs)
+    lateral[rows, col - 10:col] = True
+    assert gain[medial & lungs].mean() > 0.15                                    # the airless lobe, medially
+    assert gain[lateral & lungs].mean() < 0.5 * gain[medial & lungs].mean()
+    assert "lobar collapse" in r.notes[0]
+    assert "plate-like" in render(Finding(name="atelectasis", side="right", zone="base")).notes[0]
 
 
 def test_effusion_density_follows_this_prior():
@@ -117,6 +167,21 @@ def test_decreased_effusion_darkens_the_base():
     base &= (A.left_lung > 0.5) & (A.heart < 0.5)
     assert r.image[base].mean() < effused[base].mean() - 0.1
     assert "approximate" in r.notes[0]
+
+
+def test_resolved_removes_only_excess_density_and_keeps_the_lungs_gradient():
+    rows = np.linspace(0, 0.12, 256, dtype=np.float32)[:, None]                  # bases brighter than apices
+    prior = np.clip(PRIOR + rows * A.lung("bilateral"), 0, 1).astype(np.float32)
+    lungs = (A.lung("bilateral") > 0.5) & (A.heart < 0.5)
+    for f in (Finding(name="atelectasis", side="right", change="resolved"), Finding(name="pneumonia", change="resolved")):
+        clear = render(f, prior=prior).image                                    # nothing there to remove
+        assert np.abs(clear - prior)[lungs].max() < 0.03, f.chip()              # no lucent band, no flattening
+    sick = render(Finding(name="pneumonia", side="right", severity="severe"), prior=prior).image
+    healed = render(Finding(name="pneumonia", side="right", change="resolved"), prior=sick).image
+    region = (finding_mask(Finding(name="pneumonia", side="right"), A)[0] > 0.5) & lungs
+    added = (sick - prior)[region].mean()
+    assert added > 0.1 and (healed - prior)[region].mean() < 0.35 * added     # most of the opacity is gone
+    assert "removed" in render(Finding(name="pneumonia", side="right", change="resolved"), prior=sick).notes[0]
 
 
 def test_unchanged_and_unrendered_findings_leave_the_prior():

@@ -91,12 +91,14 @@ class Generated:
 
 
 # ------------------------------------------------------------------------- priors
-def select_priors(n: int, data=None, res: int = 256) -> list[Prior]:
-    """The first n validation images labelled only 'No Finding', one per patient, by image id."""
+def select_priors(n: int, data=None, res: int = 256, label: str | None = None) -> list[Prior]:
+    """The first n validation images, one per patient, by image id: labelled only 'No Finding', or (label given)
+    labelled with that dataset label."""
     from ..dataset import load_images, split_of
     from .run import load_row
+    wanted = (lambda r: r.labels == ["No Finding"]) if label is None else (lambda r: label in r.labels)
     rows = sorted((r for r in load_images(data).values()
-                   if r.labels == ["No Finding"] and split_of(r.patient_id) == "val"), key=lambda r: r.image_id)
+                   if wanted(r) and split_of(r.patient_id) == "val"), key=lambda r: r.image_id)
     out, seen = [], set()
     for r in rows:
         if r.patient_id not in seen and len(out) < n:
@@ -448,37 +450,48 @@ def caveats(res: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------- CLI
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every counterfactual check shares (this one and `removal`)."""
     ap.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--priors", type=int, default=12)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed .. seed+S-1 for every prior")
     ap.add_argument("--sampler", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a SamplerConfig default (e.g. render_strength=0.3, guidance_scale=4.0)")
-    ap.add_argument("--render", choices=("on", "off"), default=None, help="default: the model's")
-    ap.add_argument("--region", choices=("auto", "off"), default=None, help="default: the model's")
+                    help="override a SamplerConfig default (e.g. render_strength=0.3, noise_opt_steps=0)")
     ap.add_argument("--label", default=None, help="name of this configuration (report title)")
     ap.add_argument("--data", default=None, help="dataset folder (default $BIOMEDJOURNEY_DATA / ../shared/data/cxr)")
     ap.add_argument("--evaluators", default=None, help="evaluator folder (default assets/evaluators)")
     ap.add_argument("--threads", type=int, default=1)
-    return ap.parse_args(argv)
+    return ap
 
 
-def main(argv: list[str] | None = None) -> dict:
+def load_run(a: argparse.Namespace):
+    """(pipeline with the --sampler overrides, evaluators, model path); exits 2 with where the data comes from
+    before the model is loaded when the dataset is absent."""
     import torch
 
+    from ..dataset import require_data
     from ..pipeline import BiomedJourneyPipeline, default_model_path
     from .evaluators import load_evaluators
-    from ..dataset import require_data
-    a, t0 = parse(argv), time.time()
-    require_data(a.data)  # exit 2 with where the data comes from, before the model is loaded
+    require_data(a.data)
     torch.set_num_threads(a.threads)
     model = a.model or str(default_model_path())
     pipe = BiomedJourneyPipeline.from_pretrained(model, device="cpu")
     pipe.defaults = pipe.defaults.with_overrides(a.sampler)
-    ev = load_evaluators(a.evaluators)
+    return pipe, load_evaluators(a.evaluators), model
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--priors", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed .. seed+S-1 for every prior")
+    ap.add_argument("--render", choices=("on", "off"), default=None, help="default: the model's")
+    ap.add_argument("--region", choices=("auto", "off"), default=None, help="default: the model's")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a, t0 = parse(argv), time.time()
+    pipe, ev, model = load_run(a)
     priors = select_priors(a.priors, a.data, pipe.resolution)
     if len(priors) < 2:
         raise ValueError(f"need >= 2 No-Finding validation priors, found {len(priors)}")
