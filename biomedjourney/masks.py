@@ -261,8 +261,8 @@ def atelectasis_band(anatomy: Anatomy, side: str, zone: str, severity: str) -> n
 # Lobar collapse (a named lobe: zone upper / middle / lower): the airless lobe is a wedge of soft-tissue density with
 # its apex at the hilum and a sharp border along the displaced fissure, plus signs of volume loss. Lower lobe: a
 # triangle in the medial base (behind the heart on the left), the medial hemidiaphragm obscured and the hemidiaphragm
-# raised; upper lobe: a wedge along the upper mediastinum under an elevated fissure; middle lobe: a triangle on the
-# heart border (Proto & Tocino, Semin Roentgenol 1980;15:117; Felson ch. "Lobar collapse").
+# raised; upper lobe: a wedge along the upper mediastinum under an elevated fissure; middle lobe / lingula: a triangle
+# on the lower heart border, apex lateral (Proto & Tocino, Semin Roentgenol 1980;15:117; Felson ch. "Lobar collapse").
 LOBAR_ZONES = ("upper", "middle", "lower")
 COLLAPSE_WIDTH = {"mild": 0.45, "moderate": 0.55, "severe": 0.65}     # wedge base, share of the lung's width
 DIAPHRAGM_LIFT = {"mild": 0.04, "moderate": 0.07, "severe": 0.10}     # of the lung's height (lower lobe)
@@ -286,8 +286,9 @@ def collapse_wedge(anatomy: Anatomy, side: str, zone: str, severity: str) -> np.
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     lat = (x - f.medial) / span * abs(span)                                 # px from the medial edge, toward the wall
     b = COLLAPSE_WIDTH[severity] * abs(span)
-    if zone == "middle":                                                    # apex lateral, base on the heart border
-        reach = b * (1 - np.abs(y - hy) / (0.17 * f.height))
+    if zone == "middle":                    # middle lobe / lingula: base on the heart border, apex lateral, below
+        yc = f.top + 0.68 * f.height        # the hilum (the heart border's silhouette is lost)
+        reach = 0.85 * b * (1 - np.abs(y - yc) / (0.16 * f.height))
     else:                                                                   # apex at the hilum, base at apex / base
         far = f.bottom if zone == "lower" else f.top
         t = np.clip((y - hy) / (far - hy), 0, 1)

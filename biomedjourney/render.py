@@ -261,8 +261,11 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
         far = abs((fr.bottom if f.zone != "upper" else fr.top) - (fr.top + 0.5 * fr.height))
         toward_base = np.clip(np.abs(np.arange(img.shape[0]) - (fr.top + 0.5 * fr.height)) / max(far, 1), 0, 1)
         soft_lung = ndimage.gaussian_filter(np.isfinite(wedge).astype(np.float32), 3 * c.px)
-        alpha = (smoothstep(wedge / (1.5 * c.px) + 0.5) * soft_lung           # sharp along the fissure only
-                 * (0.55 + 0.35 * smoothstep(toward_base / 0.6))[:, None]) # thin at the hilum, dense at the base
+        if f.zone == "middle":              # on a frontal film a collapsed middle lobe / lingula is a hazy opacity
+            alpha = 0.7 * smoothstep(wedge / (10 * c.px)) * soft_lung      # that blurs the heart border (no edge)
+        else:
+            alpha = (smoothstep(wedge / (1.5 * c.px) + 0.5) * soft_lung       # sharp along the fissure only
+                     * (0.55 + 0.35 * smoothstep(toward_base / 0.6))[:, None])   # thin at the hilum, dense at the base
         # sigma 6 px: ribs lie over the lobe and stay (half their contrast); the vessels inside it fade
         img = densify(img, np.nan_to_num(alpha), c.levels.soft_tissue, keep_detail=0.45, sigma=6 * c.px)
     return img, (f"lobar collapse of the {f.zone} lobe: a wedge of soft-tissue density from the hilum, sharply "

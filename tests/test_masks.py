@@ -73,6 +73,9 @@ def test_named_lobe_atelectasis_is_a_collapse_wedge_else_a_plate():
     for wedge in (low, up):                                                      # medial: apex at the hilum
         assert abs(centroid(wedge)[1] - f.medial) < abs(centroid(wedge)[1] - f.lateral)
     assert plate.sum() < 0.6 * low.sum()                                          # a band, not a lobe
+    mid = m(name="atelectasis", side="right", zone="middle")                      # middle lobe: on the heart border,
+    assert f.top + 0.55 * f.height < centroid(mid)[0] < f.top + 0.8 * f.height    # below the hilum
+    assert abs(centroid(mid)[1] - f.medial) < abs(centroid(mid)[1] - f.lateral)
     assert low[f.bottom + 5:, :128].sum() > 0                                     # the raised hemidiaphragm is edited
     assert low[:, 128:].sum() < 0.02 * low.sum()                                  # patient's right (image left)
 
