@@ -275,7 +275,7 @@ def is_lobar(f: Finding) -> bool:
 
 def collapse_wedge(anatomy: Anatomy, side: str, zone: str, severity: str) -> np.ndarray:
     """(H, W) float32: signed px inside the collapsed lobe's fissure border (> 0 inside; the border is where it is
-    0), within the lung (grown 4 px toward the mediastinum); -inf outside the lung."""
+    0), within that side's lung (a lower / middle lobe: the lung grown 4 px, to reach the mediastinum); -inf outside."""
     f = lung_frame(anatomy, side)
     h, w = anatomy.shape
     if f is None or zone not in LOBAR_ZONES:
@@ -312,7 +312,8 @@ def diaphragm_lift(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
     lift = DIAPHRAGM_LIFT[severity] * f.height
     y = np.arange(h, dtype=np.float32)
     hy, low = f.top + 0.5 * f.height, f.bottom + 0.3 * f.height
-    v = np.where(y <= f.bottom, _smoothstep((y - hy) / (f.bottom - hy)), 1 - _smoothstep((y - f.bottom) / (low - f.bottom)))
+    v = np.where(y <= f.bottom, _smoothstep((y - hy) / (f.bottom - hy)),          # (H,) up to the base, then down
+                 1 - _smoothstep((y - f.bottom) / (low - f.bottom)))
     lo, hi = sorted((f.medial, f.lateral))
     x, ramp = np.arange(w, dtype=np.float32), 10 * scale_px((h, w))
     cols = _smoothstep((x - lo) / ramp) * _smoothstep((hi - x) / ramp)        # (W,) the lung's columns, soft ends
@@ -445,8 +446,8 @@ def _lung_zone(f: Finding, a: Anatomy) -> np.ndarray:
 
 
 SHAPES = {"pleural effusion": _effusion, "pulmonary edema": _edema, "consolidation": airspace_region,
-          "opacity": airspace_region, "pneumonia": airspace_region, "atelectasis": _atelectasis, "cardiomegaly": _cardiomegaly,
-          "pneumothorax": _pneumothorax, "nodule": _blob, "mass": _blob}
+          "opacity": airspace_region, "pneumonia": airspace_region, "atelectasis": _atelectasis,
+          "cardiomegaly": _cardiomegaly, "pneumothorax": _pneumothorax, "nodule": _blob, "mass": _blob}
 SHAPE_NOTES = {"pleural effusion": "dependent base and costophrenic angle up to a meniscus rising laterally",
                "pulmonary edema": "perihilar (bat-wing) and basal regions of both lungs",
                "consolidation": "the named zone (without one: the lower two thirds; going away: the whole lung)",
@@ -546,6 +547,7 @@ def painted_mask(layers, size: int) -> np.ndarray:
 
 __all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
-           "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift", "is_lobar", "pneumothorax_distance", "pneumothorax_width",
+           "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift",
+           "is_lobar", "pneumothorax_distance", "pneumothorax_width",
            "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING",
            "mask_overlay", "mask_layer", "painted_mask", "MASK_COLOUR"]

@@ -193,7 +193,8 @@ AIRSPACE = {"consolidation": (0.8, 0.35, True), "pneumonia": (0.75, 0.4, True), 
 def draw_airspace(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
     dens, keep, bronchograms = AIRSPACE[f.name]
     sev = severity_of(f)
-    region = ndimage.gaussian_filter(airspace_region(f, c.anatomy).astype(np.float32), 4 * c.px)
+    hard = airspace_region(f, c.anatomy)
+    region = ndimage.gaussian_filter(hard.astype(np.float32), 4 * c.px) * _fade_from_spared_lung(hard, f, c)
     field_ = 0.7 * noise_field(img.shape, c.gen, 9 * c.px) + 0.3 * noise_field(img.shape, c.gen, 3 * c.px)
     bias = {"mild": -0.3, "moderate": 0.4, "severe": 1.2}[sev]
     patchy = 1 / (1 + np.exp(-(field_ + bias) / 0.35))                       # smooth random field, soft threshold
@@ -204,6 +205,18 @@ def draw_airspace(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]
         img = img - _bronchograms(alpha, c) * 0.2 * (c.levels.soft_tissue - c.levels.lung)
         note += " with air bronchograms"
     return img, note
+
+
+def _fade_from_spared_lung(zone: np.ndarray, f: Finding, c: Ctx) -> np.ndarray:
+    """(H, W) in [0, 1]: 0 at the border with the lung the finding spares, 1 from 20 px inside: an air-space opacity
+    is ill-defined where no fissure bounds it. The minor fissure bounds a right upper lobe sharply below (Felson):
+    no fade there. The lung's own edge (chest wall, diaphragm) is not faded."""
+    if f.side == "right" and f.zone == "upper":
+        return np.ones(zone.shape, np.float32)
+    spared = (np.asarray(c.anatomy.lung(f.side if f.side in ("right", "left") else "bilateral")) > 0.5) & ~zone
+    if not spared.any():
+        return np.ones(zone.shape, np.float32)
+    return smoothstep(ndimage.distance_transform_edt(~spared) / (20 * c.px)).astype(np.float32)
 
 
 def _bronchograms(alpha: np.ndarray, c: Ctx) -> np.ndarray:
@@ -360,7 +373,8 @@ def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tup
     """Approximate removal inside the lungs (resolved: fully, decreased: half): the broad density (low-passed at
     8 px, so ribs and vessels stay) is lowered only where it exceeds the lungs' own aerated baseline
     (`aerated_baseline`; by EXCESS_MARGIN). The lungs keep their gradient (brighter bases, the rim), and where they
-    are already clear nothing changes (no lucent band or dark base where nothing was). It cannot restore anatomy a dense finding hid."""
+    are already clear nothing changes (no lucent band or dark base where nothing was). It cannot restore anatomy a
+    dense finding hid."""
     k = 1.0 if f.change == "resolved" else 0.5
     not_heart = 1 - ndimage.gaussian_filter(np.asarray(c.anatomy.heart, np.float32), 6 * c.px)   # the heart is
     lungs = (np.asarray(c.anatomy.lung("bilateral")) > 0.5) & (not_heart > 0.5)                 # not an opacity

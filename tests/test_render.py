@@ -6,7 +6,8 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import EFFUSION_BELOW, effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width
+from biomedjourney.masks import (EFFUSION_BELOW, effusion_depth, finding_mask, lung_frame, pneumothorax_distance,
+                                 pneumothorax_width)
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
 A = atlas_anatomy((256, 256))
@@ -112,6 +113,22 @@ def test_lower_lobe_collapse_raises_the_hemidiaphragm_and_densifies_a_medial_wed
     assert "plate-like" in render(Finding(name="atelectasis", side="right", zone="base")).notes[0]
 
 
+def test_airspace_opacity_is_ill_defined_toward_spared_lung_but_sharp_at_the_minor_fissure():
+    from biomedjourney.masks import airspace_region
+    lungs = (A.right_lung > 0.5) & (A.heart < 0.5)
+    def band_gain(f, rows_from_edge, edge):                                     # mean gain over seeds in a row band
+        g = np.mean([render(f, seed=k).image - PRIOR for k in range(4)], 0)
+        rows = np.arange(256)[:, None]
+        band = (rows >= edge + rows_from_edge[0]) & (rows < edge + rows_from_edge[1]) & lungs
+        return g[band].mean()
+    pna = Finding(name="pneumonia", side="right", severity="severe")             # no zone: lower two thirds
+    top = np.nonzero(airspace_region(pna, A).any(1))[0].min()
+    assert band_gain(pna, (0, 5), top) < 0.4 * band_gain(pna, (25, 35), top)
+    rul = Finding(name="consolidation", side="right", zone="upper", severity="severe")
+    bottom = np.nonzero(airspace_region(rul, A).any(1))[0].max()
+    assert band_gain(rul, (-5, 0), bottom) > 0.6 * band_gain(rul, (-35, -25), bottom)
+
+
 def test_effusion_density_follows_this_prior():
     bright, dim = (render(Finding(name="pleural effusion", side="right"), prior=phantom(h)).image for h in (0.9, 0.6))
     f = lung_frame(A, "right")
@@ -173,7 +190,8 @@ def test_resolved_removes_only_excess_density_and_keeps_the_lungs_gradient():
     rows = np.linspace(0, 0.12, 256, dtype=np.float32)[:, None]                  # bases brighter than apices
     prior = np.clip(PRIOR + rows * A.lung("bilateral"), 0, 1).astype(np.float32)
     lungs = (A.lung("bilateral") > 0.5) & (A.heart < 0.5)
-    for f in (Finding(name="atelectasis", side="right", change="resolved"), Finding(name="pneumonia", change="resolved")):
+    for f in (Finding(name="atelectasis", side="right", change="resolved"),
+              Finding(name="pneumonia", change="resolved")):
         clear = render(f, prior=prior).image                                    # nothing there to remove
         assert np.abs(clear - prior)[lungs].max() < 0.03, f.chip()              # no lucent band, no flattening
     sick = render(Finding(name="pneumonia", side="right", severity="severe"), prior=prior).image

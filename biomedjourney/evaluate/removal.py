@@ -55,15 +55,16 @@ def summarise_one(g: Generated, ev, label: str, text: str) -> dict:
 
 
 def markdown(res: dict, title: str) -> str:
+    shown = json.dumps({k: res["settings"][k] for k in ("region", "render", "overrides")})
     lines = [f"# Removal: {title}", "",
              f"Validation priors labelled with the finding (one per patient, up to {res['max_priors']}) × seeds "
-             f"{res['seeds']}; settings: `{json.dumps({k: res['settings'][k] for k in ('region', 'render', 'overrides')})}`.",
+             f"{res['seeds']}; settings: `{shown}`.",
              "", "| finding | text | priors | lift of its label (mean ± std over seeds) | Opacity (any) lift | "
              "samples lowered | lung change |", "|---|---|---|---|---|---|---|"]
     for label, r in res["findings"].items():
         op = "–" if r["lift_opacity"] is None else f"{r['lift_opacity']['mean']:+.3f}"
-        lines.append(f"| {label} | {r['text']} | {len(r['priors'])} | {r['lift']['mean']:+.3f} ± {r['lift']['std']:.3f} | "
-                     f"{op} | {r['lowered']:.2f} | {r['lung_change']:+.4f} |")
+        lines.append(f"| {label} | {r['text']} | {len(r['priors'])} | {r['lift']['mean']:+.3f} ± "
+                     f"{r['lift']['std']:.3f} | {op} | {r['lowered']:.2f} | {r['lung_change']:+.4f} |")
     lines += ["", "Lift < 0 and 'samples lowered' near 1: the text took the finding away. The evaluators are CNNs "
               "trained on this dataset's train split; a prior keeps most of what made it positive (the patient, "
               "devices, acquisition), so even a perfect removal need not bring the probability down to a normal "
