@@ -292,8 +292,9 @@ def collapse_wedge(anatomy: Anatomy, side: str, zone: str, severity: str) -> np.
     else:                                                                   # apex at the hilum, base at apex / base
         far = f.bottom if zone == "lower" else f.top
         t = np.clip((y - hy) / (far - hy), 0, 1)
-        t = np.sqrt(t) if zone == "upper" else t                            # the raised fissure curves up laterally
-        reach = 0.12 * abs(span) + t * (b - 0.12 * abs(span))
+        if zone == "upper":                 # the collapsed upper lobe lies against the apex and upper mediastinum:
+            t, b = np.sqrt(t), min(b + 0.3 * abs(span), abs(span))          # wide at the apex, the raised fissure
+        reach = 0.12 * abs(span) + t * (b - 0.12 * abs(span))               # sloping up and out from the hilum
         reach = np.where((y - hy) * (far - hy) >= 0, reach, -np.inf)
     lung = f.core if zone == "upper" else _dilate(f.core, 4 * px)           # lower / middle: up to the mediastinum
     half = np.zeros((h, w), bool)

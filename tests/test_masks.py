@@ -73,6 +73,8 @@ def test_named_lobe_atelectasis_is_a_collapse_wedge_else_a_plate():
     for wedge in (low, up):                                                      # medial: apex at the hilum
         assert abs(centroid(wedge)[1] - f.medial) < abs(centroid(wedge)[1] - f.lateral)
     assert plate.sum() < 0.6 * low.sum()                                          # a band, not a lobe
+    apex_row = f.top + int(0.2 * f.height)                                        # upper lobe: against the apex,
+    assert (up[apex_row] > 0.5).sum() > 0.75 * ((A.right_lung > 0.5)[apex_row]).sum()  # most of its width there
     mid = m(name="atelectasis", side="right", zone="middle")                      # middle lobe: on the heart border,
     assert f.top + 0.55 * f.height < centroid(mid)[0] < f.top + 0.8 * f.height    # below the hilum
     assert abs(centroid(mid)[1] - f.medial) < abs(centroid(mid)[1] - f.lateral)
