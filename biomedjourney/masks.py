@@ -231,13 +231,9 @@ def _edema(f: Finding, a: Anatomy) -> np.ndarray:
 def airspace_region(f: Finding, a: Anatomy) -> np.ndarray:
     if f.zone != "none":
         return zone_mask(a, f.side, f.zone) > 0.5
-    if _receding(f):
+    if f.receding:
         return zone_mask(a, f.side, "none") > 0.5
     return np.maximum(zone_mask(a, f.side, "middle"), zone_mask(a, f.side, "lower")) > 0.5
-
-
-def _receding(f: Finding) -> bool:
-    return f.change in ("decreased", "resolved")
 
 
 # Plate-like (discoid) atelectasis: a horizontal or slightly oblique linear band 1-3 mm to a few cm
@@ -323,7 +319,7 @@ def diaphragm_lift(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
 
 def _atelectasis(f: Finding, a: Anatomy) -> np.ndarray:
     sev = severity_of(f)
-    if _receding(f) and f.zone == "none":
+    if f.receding and f.zone == "none":
         return zone_mask(a, f.side, "none") > 0.5
     if is_lobar(f):
         parts = [collapse_wedge(a, s, f.zone, sev) > -2 * scale_px(a.shape) for s in sides_of(f.side)]
@@ -372,7 +368,7 @@ def cardiac_displacement(anatomy: Anatomy, severity: str, sign: float = 1.0) -> 
 
 
 def _cardiomegaly(f: Finding, a: Anatomy) -> np.ndarray:
-    sign = -1.0 if f.change in ("decreased", "resolved") else 1.0
+    sign = -1.0 if f.receding else 1.0
     d = np.abs(cardiac_displacement(a, severity_of(f), sign))
     return _dilate(d > 0.2, 3 * scale_px(a.shape)) | (np.asarray(a.heart) > 0.5)
 
@@ -482,7 +478,7 @@ def finding_mask(f: Finding, anatomy: Anatomy, feather: float = 3.0) -> tuple[np
     shape = SHAPES.get(f.name, _lung_zone)
     hard = np.asarray(shape(f, anatomy), bool)
     what = SHAPE_NOTES.get(f.name, "the named zone of the lung(s) (no shape of its own)")
-    if f.change in ("decreased", "resolved"):
+    if f.receding:
         what += ", where the finding would be"
     if not hard.any():
         return np.zeros(anatomy.shape, np.float32), f"{_where(f)}: no region (empty lung/heart mask)"

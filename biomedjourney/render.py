@@ -78,6 +78,13 @@ def densify(img: np.ndarray, alpha: np.ndarray, level: float | np.ndarray, keep_
     return img + alpha * (target - lp) - alpha * (1 - keep_detail) * detail
 
 
+def warp(img: np.ndarray, dy: np.ndarray | float = 0.0, dx: np.ndarray | float = 0.0) -> np.ndarray:
+    """Geometric edit: output pixel (y, x) takes the content at (y + dy, x + dx) (bicubic, edges repeated)."""
+    h, w = img.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return ndimage.map_coordinates(img, [y + dy, x + dx], order=3, mode="nearest").astype(np.float32)
+
+
 def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(img, sigma)
 
@@ -261,26 +268,25 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
     sev = severity_of(f)
     lifted = ""
     for s in sides_of(f.side):
-        if f.zone == "lower":
-            dy = diaphragm_lift(c.anatomy, s, sev)                          # (H, W) px
-            h, w = img.shape
-            y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-            img = ndimage.map_coordinates(img, [y + dy, x], order=3, mode="nearest").astype(np.float32)
-            lifted = f", the hemidiaphragm raised by up to {dy.max():.0f} px (volume loss)"
-        wedge = collapse_wedge(c.anatomy, s, f.zone, sev)                  # px inside the fissure border
         fr = lung_frame(c.anatomy, s)
         if fr is None:
             continue
-        far = abs((fr.bottom if f.zone != "upper" else fr.top) - (fr.top + 0.5 * fr.height))
-        toward_base = np.clip(np.abs(np.arange(img.shape[0]) - (fr.top + 0.5 * fr.height)) / max(far, 1), 0, 1)
+        if f.zone == "lower":
+            dy = diaphragm_lift(c.anatomy, s, sev)                          # (H, W) px
+            img = warp(img, dy=dy)
+            lifted = f", the hemidiaphragm raised by up to {dy.max():.0f} px (volume loss)"
+        wedge = collapse_wedge(c.anatomy, s, f.zone, sev)                  # px inside the fissure border, -inf outside
         soft_lung = ndimage.gaussian_filter(np.isfinite(wedge).astype(np.float32), 3 * c.px)
         if f.zone == "middle":              # on a frontal film a collapsed middle lobe / lingula is a hazy opacity
             alpha = 0.7 * smoothstep(wedge / (10 * c.px)) * soft_lung      # that blurs the heart border (no edge)
         else:
+            hy = fr.top + 0.5 * fr.height                                   # the hilum's row
+            far = abs((fr.top if f.zone == "upper" else fr.bottom) - hy)
+            toward_base = np.clip(np.abs(np.arange(img.shape[0]) - hy) / max(far, 1), 0, 1)   # (H,)
             alpha = (smoothstep(wedge / (1.5 * c.px) + 0.5) * soft_lung       # sharp along the fissure only
                      * (0.55 + 0.35 * smoothstep(toward_base / 0.6))[:, None])   # thin at the hilum, dense at the base
         # sigma 6 px: ribs lie over the lobe and stay (half their contrast); the vessels inside it fade
-        img = densify(img, np.nan_to_num(alpha), c.levels.soft_tissue, keep_detail=0.45, sigma=6 * c.px)
+        img = densify(img, alpha, c.levels.soft_tissue, keep_detail=0.45, sigma=6 * c.px)
     return img, (f"lobar collapse of the {f.zone} lobe: a wedge of soft-tissue density from the hilum, sharply "
                  f"bounded by the displaced fissure, vessels inside it lost{lifted}")
 
@@ -288,11 +294,9 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
 # Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio up 10-20% by severity), mostly to
 # the patient's left, displacing the adjacent lung (Felson ch. "The heart"): a horizontal warp.
 def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
-    smaller = f.change in ("decreased", "resolved")
+    smaller = f.receding
     dx = cardiac_displacement(c.anatomy, severity_of(f), -1.0 if smaller else 1.0)  # (H, W) px
-    h, w = img.shape
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = ndimage.map_coordinates(img, [y, x - dx], order=3, mode="nearest").astype(np.float32)
+    out = warp(img, dx=-dx)
     what = "narrowed" if smaller else "widened"
     return out, (f"the heart silhouette {what} horizontally about its centre (geometric warp, up to "
                  f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left)")
@@ -301,7 +305,7 @@ def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, 
 # Pneumothorax: a thin white visceral pleural line parallel to the chest wall, no lung markings beyond it,
 # the space darker (Fleischner glossary: "pneumothorax"; "visceral pleural line" sign).
 def draw_pneumothorax(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
-    if f.change in ("decreased", "resolved"):
+    if f.receding:
         return img, "not drawn: the lung markings of a re-expanded lung cannot be rendered (left to the model)"
     lv = c.levels
     for s in sides_of(f.side):
@@ -397,7 +401,7 @@ def render_one(img: np.ndarray, f: Finding, region: np.ndarray, c: Ctx) -> tuple
         return img, "unchanged: nothing drawn"
     if f.name not in RENDERED_FINDINGS:
         return img, "not rendered (left to the diffusion model)"
-    if f.change in ("decreased", "resolved") and f.name not in ("cardiomegaly", "pneumothorax"):
+    if f.receding and f.name not in ("cardiomegaly", "pneumothorax"):
         return undo_density(img, region, f, c)
     return DRAW[f.name](img, f, c)
 

@@ -197,12 +197,18 @@ def generate_all(pipe, priors: list[Prior], seeds: list[int], *, region: str, re
 
 
 # ------------------------------------------------------------------------- summaries
-def lift(g: Generated, ev) -> dict:
-    """{description: {label: {mean, std, se_priors, n}}}: P(label) minus the no-change image's, same prior and seed."""
-    labels = list(ev.cfg.labels)
+def probabilities(g: Generated, ev) -> dict[str, np.ndarray]:
+    """{description: (P, S, L) evaluator pathology probabilities of its images}."""
     P, S = len(g.priors), len(g.seeds)
-    prob = {d: ev.predict(im.reshape(P * S, *im.shape[2:])).pathology.reshape(P, S, -1)
-            for d, im in g.images.items()}
+    return {d: ev.predict(im.reshape(P * S, *im.shape[2:])).pathology.reshape(P, S, -1) for d, im in g.images.items()}
+
+
+def lift(g: Generated, ev, prob: dict[str, np.ndarray] | None = None) -> dict:
+    """{description: {label: {mean, std, se_priors, n}}}: P(label) minus the no-change image's, same prior and seed.
+    prob: `probabilities(g, ev)` when already computed."""
+    labels = list(ev.cfg.labels)
+    P = len(g.priors)
+    prob = probabilities(g, ev) if prob is None else prob
     out = {}
     for d in g.images:
         if d == NO_CHANGE:

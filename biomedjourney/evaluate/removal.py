@@ -25,19 +25,19 @@ import time
 import numpy as np
 
 from ..config import NO_CHANGE, write_json
-from .follow import LUNG_INSIDE, Generated, common_args, generate_all, lift, load_run, select_priors
+from .follow import (LUNG_INSIDE, Generated, common_args, generate_all, lift, load_run, probabilities,
+                     select_priors)
 
 REMOVALS = {"Pneumonia": "Pneumonia resolved.", "Atelectasis": "Atelectasis resolved.",
             "Infiltration": "Infiltrates resolved.", "Effusion": "Pleural effusion resolved.",
             "Edema": "Pulmonary edema resolved."}
 
 
-def lowered(g: Generated, ev, text: str, label: str) -> float:
-    """Share of (prior, seed) samples whose evaluator P(label) is lower for `text` than for the no-change text."""
-    j = list(ev.cfg.labels).index(label)
-    P, S = len(g.priors), len(g.seeds)
-    p = {d: ev.predict(g.images[d].reshape(P * S, *g.images[d].shape[2:])).pathology[:, j] for d in (text, NO_CHANGE)}
-    return float((p[text] < p[NO_CHANGE]).mean())
+def lowered(prob: dict[str, np.ndarray], labels, text: str, label: str) -> float:
+    """Share of (prior, seed) samples whose evaluator P(label) is lower for `text` than for the no-change text.
+    prob: `follow.probabilities`."""
+    j = list(labels).index(label)
+    return float((prob[text][..., j] < prob[NO_CHANGE][..., j]).mean())
 
 
 def lung_change(g: Generated, text: str) -> float:
@@ -48,9 +48,10 @@ def lung_change(g: Generated, text: str) -> float:
 
 
 def summarise_one(g: Generated, ev, label: str, text: str) -> dict:
-    lifts = lift(g, ev)[text]
+    prob = probabilities(g, ev)                                         # once: the lift and the lowered share
+    lifts = lift(g, ev, prob)[text]
     return {"text": text, "priors": [p.image_id for p in g.priors], "lift": lifts[label],
-            "lift_opacity": lifts.get("Opacity (any)"), "lowered": lowered(g, ev, text, label),
+            "lift_opacity": lifts.get("Opacity (any)"), "lowered": lowered(prob, ev.cfg.labels, text, label),
             "lung_change": lung_change(g, text), "seconds": g.seconds}
 
 

@@ -32,6 +32,11 @@ class Finding(BaseModel):
     severity: Severity = "none"
     change: Change = "new"
 
+    @property
+    def receding(self) -> bool:
+        """Going away: decreased or resolved."""
+        return self.change in ("decreased", "resolved")
+
     def chip(self) -> str:
         """Short label for the UI: 'pleural effusion · right · base · new'."""
         parts = [self.name] + [v for v in (self.side, self.zone, self.severity) if v != "none"] + [self.change]
