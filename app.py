@@ -14,6 +14,7 @@ import contextlib
 import os
 
 MODEL_ENV_NAME = "BIOMEDJOURNEY_MODEL"  # == biomedjourney.pipeline.MODEL_ENV (not imported: --help stays instant)
+DTYPE_ENV_NAME = "BIOMEDJOURNEY_DTYPE"  # one of biomedjourney.service.DTYPES; unset: the loader's default
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,9 +24,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="0.0.0.0 to listen on all interfaces (e.g. in a container)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=os.environ.get(DTYPE_ENV_NAME),
+                    help=f"weights and compute precision (sets ${DTYPE_ENV_NAME}; default: float32 on the CPU, float16 "
+                         "on CUDA); bfloat16 is faster on CPUs with AMX (README, 'Speed')")
     args = ap.parse_args(argv)
     if args.model:
         os.environ[MODEL_ENV_NAME] = args.model
+    if args.dtype:
+        os.environ[DTYPE_ENV_NAME] = args.dtype
     return args
 
 
@@ -89,6 +95,7 @@ QUEUE_MAX = int(os.environ.get("BIOMEDJOURNEY_QUEUE_MAX", 16))
 JOBS_PER_USER = int(os.environ.get("BIOMEDJOURNEY_JOBS_PER_USER", 2))
 MAX_UPLOAD_MB = int(os.environ.get("BIOMEDJOURNEY_MAX_UPLOAD_MB", 64))
 MAX_REPORT_CHARS = 20_000  # per report sent to the describer (a paid request with GPT-4)
+STREAM_FIRST = 1  # generate shows this many samples first (one pipeline call), then the rest (service.iter_followups)
 log = logging.getLogger("biomedjourney.app")
 
 # ======================================================================== model (lazy, once)
@@ -113,7 +120,8 @@ def get_pipe() -> BiomedJourneyPipeline:
     with _LOCK:
         if _PIPE is None or _PIPE_SOURCE != src:
             try:
-                _PIPE, _PIPE_SOURCE = load_pipeline(src or None), src  # safetensors only; never unpickles
+                dtype = os.environ.get(DTYPE_ENV_NAME) or None
+                _PIPE, _PIPE_SOURCE = load_pipeline(src or None, dtype=dtype), src  # safetensors only; never unpickles
             except ModelLoadError as e:  # missing folder, Hub/network, bad config, truncated or mismatched weights
                 raise _error(f"No model could be loaded from '{_public_model_id(src)}': {e} To fix: start the app "
                              f"with `python app.py --model PATH_OR_HUB_ID`, or set {MODEL_ENV}=PATH, or put a trained "
@@ -558,8 +566,10 @@ class FollowUpView(NamedTuple):
 
 def generate(prior_file, description, num_images, steps, guidance, image_guidance, seed, randomise,
              scheduler, strength=None, transfer=None, region=None, render=None, paint=False, canvas=None,
-             noise_opt=None, request: gr.Request | None = None, progress=gr.Progress()) -> FollowUpView:
-    """Prior + description -> follow-ups, heatmaps, comparison, settings, downloads, findings and edit region."""
+             noise_opt=None, request: gr.Request | None = None, progress=gr.Progress()):
+    """Prior + description -> follow-ups, heatmaps, comparison, settings, downloads, findings and edit region.
+    Streams a FollowUpView each time: the first STREAM_FIRST samples as soon as one pipeline call has made them, then
+    every sample, then everything with the heatmaps and files."""
     _started(request)
     description = _check_description(description)
     loaded = _read_prior(prior_file, request)
@@ -572,12 +582,18 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
         sampler["strength"] = None
     painted = _painted(paint, canvas, pipe.resolution)
     total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or d.strength)
+    total *= service.pipeline_calls(int(n), STREAM_FIRST)
     with _guard("The generation"):
-        res = service.generate_followups(
-            pipe, loaded, description, seed=seed, num_images=n, sampler=sampler, region=region,
+        results = service.iter_followups(
+            pipe, loaded, description, first=STREAM_FIRST, seed=seed, num_images=n, sampler=sampler, region=region,
             painted_mask=painted, render=render,
             noise_opt_steps=None if noise_opt is None else int(_number(noise_opt, "noise_opt_steps")),
             on_step=lambda i: progress((i, total), desc="Generating follow-ups", unit="steps"))
+        res = next(results)
+        yield _partial_view(res, seed)          # the first sample now (all of them when one call makes them)
+        if len(res.images) < int(n):
+            res = list(results)[-1]
+            yield _partial_view(res, seed)      # every sample; the heatmaps and files follow
     for alert in _alerts(res.plan, painted):
         gr.Warning(alert, title="Note")
 
@@ -585,15 +601,31 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     with _guard("Saving the results", disk=True):
         exp = service.export_followups(res, _run_folder(request, "followup"), source=loaded, dicom=True,
                                        heatmaps=True, zip_name="biomedjourney_followups.zip")
-    gallery = [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")
-               for i, (im, s) in enumerate(zip(res.images, res.seeds))]
+    gallery = _gallery(res)
     heat = [(str(exp.heatmaps[f"sample{i + 1}"]), f"Sample {i + 1}") for i in range(len(res.images))]
     settings = {**res.settings, "generation_seconds": round(res.seconds, 2), "image_warnings": res.warnings,
                 "note": "image i is reproduced by seed = seeds[i] with 1 sample", "disclaimer": NOTICE}
-    return FollowUpView(
+    yield FollowUpView(
         gallery=gallery, slider=(to_uint8(res.prior), gallery[0][0]), heatmaps=heat,
         mean_change=str(exp.heatmaps["mean_change"]), uncertainty=str(exp.heatmaps["uncertainty"]),
         settings=settings, files=[str(p) for p in exp.files], zip=str(exp.zip), seed=seed,
+        state={"prior": res.prior, "images": res.images, "seeds": res.seeds},
+        chips=_findings_chips(res.plan.findings), notes=_notes_markdown(res.plan, res.warnings),
+        mask_preview=masks.mask_overlay(res.prior, res.plan.mask))
+
+
+def _gallery(res: service.FollowUps) -> list:
+    return [(to_uint8(mark_synthetic(im)), f"Sample {i + 1} · seed {s}")
+            for i, (im, s) in enumerate(zip(res.images, res.seeds))]
+
+
+def _partial_view(res: service.FollowUps, seed: int) -> FollowUpView:
+    """The samples made so far: gallery, comparison, seed and findings; heatmaps, settings and files unchanged."""
+    gallery = _gallery(res)
+    skip = gr.skip()
+    return FollowUpView(
+        gallery=gallery, slider=(to_uint8(res.prior), gallery[0][0]), heatmaps=skip, mean_change=skip,
+        uncertainty=skip, settings=skip, files=skip, zip=skip, seed=seed,
         state={"prior": res.prior, "images": res.images, "seeds": res.seeds},
         chips=_findings_chips(res.plan.findings), notes=_notes_markdown(res.plan, res.warnings),
         mask_preview=masks.mask_overlay(res.prior, res.plan.mask))

@@ -94,9 +94,8 @@ def generate_inputs(api: dict, prior_path: str, n: int, seed: int = 0) -> dict:
 
 
 def first_image(client, kwargs: dict) -> tuple[float, float, list, dict]:
-    """Seconds from submit to the first output holding images, seconds to the last output (equal while the app's
-    generate returns once; a handler yielding the images before the heatmaps and files would show them apart);
-    the gallery and the settings."""
+    """Seconds from submit to the first output holding images (the app streams the first sample before the others),
+    seconds to the last output (all samples, heatmaps and files); the final gallery and the settings."""
     t0 = time.perf_counter()
     job = client.submit(api_name="/generate", **kwargs)
     first = None
@@ -119,15 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: inherit)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--prior", default=None, help="prior image (default: pydicom's RG1_UNCI.dcm)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="the server's model precision (sets BIOMEDJOURNEY_DTYPE; default: the app's)")
     return ap
 
 
-def server_env(model: str | None, threads: int) -> dict:
-    """The app server's environment: offline, no analytics, the model to serve, optionally its threads."""
+def server_env(model: str | None, threads: int, dtype: str | None = None) -> dict:
+    """The app server's environment: offline, no analytics, the model to serve, optionally its threads and dtype."""
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["BIOMEDJOURNEY_MODEL"] = model or env.get("BIOMEDJOURNEY_MODEL") or str(ROOT / "assets" / "biomedjourney-cxr")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    if dtype:
+        env["BIOMEDJOURNEY_DTYPE"] = dtype
     return env
 
 
@@ -166,7 +169,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def report(a, env: dict, port: int, cold: float, rss_idle: float | None, rows: list, rss: float | None) -> None:
     print(f"app.py  model {env['BIOMEDJOURNEY_MODEL']}  port {port}  server OMP_NUM_THREADS "
-          f"{env.get('OMP_NUM_THREADS', '(unset)')}  {a.num_images} samples  prompt {PROMPT!r}")
+          f"{env.get('OMP_NUM_THREADS', '(unset)')}  dtype {env.get('BIOMEDJOURNEY_DTYPE', '(the default)')}  "
+          f"{a.num_images} samples  prompt {PROMPT!r}")
     print(f"cold start to a served page (GET / = 200): {cold:.2f} s  (server peak RSS then "
           f"{rss_idle:.0f} MB)" if rss_idle else f"cold start to a served page (GET / = 200): {cold:.2f} s")
     for i, (dt, k, gen, done) in enumerate(rows, 1):
@@ -184,7 +188,7 @@ def report(a, env: dict, port: int, cold: float, rss_idle: float | None, rows: l
 def main(argv=None):
     a = _parser().parse_args(argv)
     port = a.port or free_port()
-    env = server_env(a.model, a.threads)
+    env = server_env(a.model, a.threads, a.dtype)
     prior = a.prior if a.prior is not None else default_prior()
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -223,10 +223,12 @@ def unet_flops(pipe: BiomedJourneyPipeline, batch: int) -> int:
     return int(fc.get_total_flops())
 
 
-def matmul_throughput(device, size: int | None = None, repeats: int = 5) -> tuple[float, str]:
-    """FLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU (median of `repeats` after a warm-up)."""
+def matmul_throughput(device, size: int | None = None, repeats: int = 5,
+                      dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """FLOP/s of a large square matmul in `dtype` (None: fp32 on CPU, bf16 on GPU), median of `repeats` after a
+    warm-up."""
     cuda = torch.device(device).type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     size = size or (8192 if cuda else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -281,10 +283,30 @@ def run_service(pipe: BiomedJourneyPipeline, req: Request, n: int, noise_opt_ste
     return generate_followups(pipe, req.prior, PROMPT, seed=0, num_images=n, noise_opt_steps=noise_opt_steps).images
 
 
+def _configs(pipe, req, n, peer_eq, peer_def, equal_steps, peer_default_steps, low_precision) -> dict[str, Callable]:
+    """configuration name -> the call it times (n images each)."""
+    configs = {
+        "ours_equal": lambda: run_ours(pipe, req, n, equal=True, equal_steps=equal_steps),
+        "peer_equal": lambda: run_peer(peer_eq, pipe, req, n, equal=True, steps=equal_steps),
+        "ours_equal_nomask": lambda: run_ours(pipe, req, n, equal=True, use_mask=False, equal_steps=equal_steps),
+        "ours_default": lambda: run_ours(pipe, req, n, equal=False),
+        "peer_default": lambda: run_peer(peer_def, pipe, req, n, equal=False, steps=peer_default_steps),
+        "ours_service": lambda: run_service(pipe, req, n),
+    }
+    if _noise_opt_on(pipe):
+        configs["ours_service_no_noise_opt"] = lambda: run_service(pipe, req, n, 0)
+    if low_precision is not None:
+        configs["ours_service_lowp"] = lambda: run_service(low_precision, req, n)
+    return configs
+
+
 def benchmark(pipe: BiomedJourneyPipeline, sizes=(1, 4), repeats: int = 3, req: Request | None = None,
               peer_default_steps: int = PEER_STEPS, equal_steps: int = EQUAL_STEPS,
-              matmul_size: int | None = None, log: bool = False) -> dict:
-    """Everything the printout shows, as a dict (tests call this on tiny_pipeline() with repeats=1)."""
+              matmul_size: int | None = None, log: bool = False,
+              low_precision: BiomedJourneyPipeline | None = None) -> dict:
+    """Everything the printout shows, as a dict (tests call this on tiny_pipeline() with repeats=1).
+    `low_precision`: the same model loaded in bfloat16 / float16: its service request is timed beside the others
+    and its images compared with the full-precision ones (row 'ours_service_lowp')."""
     req = req or make_request(pipe)
     device = pipe.device
     peer_eq, peer_def = make_peer(pipe, EQUAL_SCHEDULER), make_peer(pipe, PEER_SCHEDULER)
@@ -295,30 +317,26 @@ def benchmark(pipe: BiomedJourneyPipeline, sizes=(1, 4), repeats: int = 3, req: 
            "unet_flops_per_row": flops_per_row, "defaults": dict(pipe.config.sampler),
            "peer_default_steps": peer_default_steps,
            "equal_steps": equal_steps, "sizes": {}}
+    if low_precision is not None:
+        out["lowp_dtype"] = str(low_precision.dtype).removeprefix("torch.")
+        out["lowp_peak_flops"], out["lowp_matmul"] = matmul_throughput(device, matmul_size, dtype=low_precision.dtype)
     for n in sizes:
-        configs = {
-            "ours_equal": lambda: run_ours(pipe, req, n, equal=True, equal_steps=equal_steps),
-            "peer_equal": lambda: run_peer(peer_eq, pipe, req, n, equal=True, steps=equal_steps),
-            "ours_equal_nomask": lambda: run_ours(pipe, req, n, equal=True, use_mask=False, equal_steps=equal_steps),
-            "ours_default": lambda: run_ours(pipe, req, n, equal=False),
-            "peer_default": lambda: run_peer(peer_def, pipe, req, n, equal=False, steps=peer_default_steps),
-            "ours_service": lambda: run_service(pipe, req, n),
-        }
-        if _noise_opt_on(pipe):
-            configs["ours_service_no_noise_opt"] = lambda: run_service(pipe, req, n, 0)
+        configs = _configs(pipe, req, n, peer_eq, peer_def, equal_steps, peer_default_steps, low_precision)
         warm = {"peer_default": lambda: run_peer(peer_def, pipe, req, n, equal=False, steps=2)}
         if log:
             print(f"{n} image(s): warm-up, then {repeats} round(s)", file=sys.stderr, flush=True)
         t = measure(configs, repeats, device, warm, log=log)
         calls = unet_calls(pipe, n, equal_steps, peer_default_steps)
+        calls["ours_service_lowp"] = calls["ours_service"]   # the same request, the model in another dtype
         flops_row = {b: unet_flops(pipe, b) for b in sorted({rows for _, rows in calls.values()})}
         rows = {}
         for k, tm in t.items():
             c, b = calls[k]
             flops = c * flops_row[b]
+            peak = out["lowp_peak_flops"] if k == "ours_service_lowp" else peak_flops  # against its own dtype's peak
             rows[k] = {"median_s": tm.median, "times_s": tm.times, "images_per_s": n / tm.median,
                        "peak_mb": tm.peak_mb, "memory": tm.memory, "unet_calls": c, "rows_per_call": b,
-                       "unet_gflop": flops / 1e9, "utilisation": flops / peak_flops / tm.median,
+                       "unet_gflop": flops / 1e9, "utilisation": flops / peak / tm.median,
                        "shape": [list(a.shape) for a in tm.out], "finite": all(np.isfinite(a).all() for a in tm.out)}
         o = {k: tm.out for k, tm in t.items()}
         ref = o["peer_default"]
@@ -330,6 +348,8 @@ def benchmark(pipe: BiomedJourneyPipeline, sizes=(1, 4), repeats: int = 3, req: 
             "ours_equal_vs_peer_default": mean_compare(o["ours_equal"], ref),
             "peer_equal_vs_peer_default": mean_compare(o["peer_equal"], ref),
         }
+        if low_precision is not None:
+            quality["ours_service_lowp_vs_ours_service"] = mean_compare(o["ours_service_lowp"], o["ours_service"])
         to_prior = {k: float(np.mean([image_ssim(a, req.prior) for a in v])) for k, v in o.items()}
         out["sizes"][n] = {"rows": rows, "quality": quality, "ssim_to_prior": to_prior, "images": o}
     return out
@@ -343,6 +363,7 @@ LABELS = {
     "peer_default": "peer   (b) IP2P defaults ({p} Euler-a steps)",
     "ours_service": "ours   service: the app/CLI request (defaults)",
     "ours_service_no_noise_opt": "ours   service without noise optimisation",
+    "ours_service_lowp": "ours   service, the model in {lp}",
 }
 
 
@@ -351,7 +372,9 @@ def report(res: dict) -> str:
     lines = [f"model {res['model']}  device {res['device']} {res['dtype']}  torch threads {res['threads']}  "
              f"{res['resolution']} px",
              f"device matmul throughput: {res['peak_flops'] / 1e9:.1f} GFLOP/s ({res['matmul']}); "
-             f"UNet {res['unet_flops_per_row'] / 1e9:.2f} GFLOP per call per batch row (FlopCounterMode)",
+             f"UNet {res['unet_flops_per_row'] / 1e9:.2f} GFLOP per call per batch row (FlopCounterMode)"
+             + (f"; {res['lowp_peak_flops'] / 1e9:.1f} GFLOP/s in {res['lowp_dtype']} ({res['lowp_matmul']}), the "
+                f"{res['lowp_dtype']} row's utilisation is against it" if "lowp_dtype" in res else ""),
              f"ours defaults: {d['num_inference_steps']} {d['scheduler']} steps, strength {d['strength']}, change "
              f"transfer {d['change_transfer']}, guidance {d['guidance_scale']}/{d['image_guidance_scale']}, negative "
              f"{d['negative_prompt']!r}",
@@ -363,7 +386,7 @@ def report(res: dict) -> str:
     lines.append("-" * len(hdr))
     for n, s in res["sizes"].items():
         for k, r in s["rows"].items():
-            label = LABELS[k].format(e=res['equal_steps'], p=res['peer_default_steps'])
+            label = LABELS[k].format(e=res['equal_steps'], p=res['peer_default_steps'], lp=res.get('lowp_dtype'))
             lines.append(f"{n:>2} {label:<46} {r['median_s']:>9.2f} {r['images_per_s']:>7.3f} {r['peak_mb']:>8.0f} "
                          f"{r['unet_calls']:>8} x {r['rows_per_call']:<6} {r['unet_gflop']:>8.1f} "
                          f"{100 * r['utilisation']:>5.1f}%  {[round(x, 2) for x in r['times_s']]}")
@@ -399,7 +422,19 @@ def summary(res: dict) -> str:
             f"the app's request (service, defaults) {r['ours_service']['median_s']:.2f} s"
             + (f", {r['ours_service']['median_s'] / r['ours_service_no_noise_opt']['median_s']:.2f}x the same request "
                f"without its {res['defaults'].get('noise_opt_steps')} noise-optimisation steps"
-               if "ours_service_no_noise_opt" in r else ""))
+               if "ours_service_no_noise_opt" in r else "")
+            + (f"; in {res['lowp_dtype']} {r['ours_service_lowp']['median_s']:.2f} s, "
+               f"{r['ours_service']['median_s'] / r['ours_service_lowp']['median_s']:.2f}x faster (SSIM "
+               f"{s['quality']['ours_service_lowp_vs_ours_service']['ssim']:.4f} to the {res['dtype'].removeprefix('torch.')} images)"
+               if "ours_service_lowp" in r else ""))
+
+
+def fast_low_precision(device) -> torch.dtype | None:
+    """The dtype worth a row: bfloat16 on a CPU with AMX tiles (oneDNN's bf16 matmuls and convolutions), float16 is
+    already the CUDA default; None on a CPU without AMX (bf16 there is emulated and slower)."""
+    if torch.device(device).type == "cpu":
+        return torch.bfloat16 if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else None
+    return None
 
 
 def main(argv=None):
@@ -411,14 +446,18 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1,4", help="images per request, comma-separated")
     ap.add_argument("--peer-steps", type=int, default=PEER_STEPS, help="the peer's default steps (100)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--low-precision", choices=["auto", "bfloat16", "off"], default="auto",
+                    help="also time the service request with the model in this dtype (auto: bfloat16 on a CPU with AMX)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.repeats < 3:
         print(f"note: --repeats {a.repeats} < 3: a development run, not a measurement", file=sys.stderr)
     pipe = BiomedJourneyPipeline.from_pretrained(a.model, device=a.device)
+    lp = {"auto": fast_low_precision(a.device), "bfloat16": torch.bfloat16, "off": None}[a.low_precision]
+    low = None if lp is None else BiomedJourneyPipeline.from_pretrained(a.model, device=a.device, dtype=lp)
     res = benchmark(pipe, sizes=[int(x) for x in a.sizes.split(",")], repeats=a.repeats, peer_default_steps=a.peer_steps,
-                    log=True)
+                    log=True, low_precision=low)
     print(report(res))
     print(summary(res))
     if a.json:

@@ -327,6 +327,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         self._check_noise_optimization(noise_optimization, r)
         settings = {"prompt": prompt, **r.settings(), "region_restricted": mask_image is not None,
                     "init_image": init_image is not None, "noise_optimization": None, "resolution": self.resolution,
+                    "dtype": str(self.dtype).removeprefix("torch."),
                     "model": _public_model_id(self.model_id), "model_sha256": self.model_sha256,
                     "biomedjourney_version": __version__}
         prior_img = None if r.text_only else self.prepare_prior(prior)
@@ -444,15 +445,16 @@ class BiomedJourneyPipeline(DiffusionPipeline):
                 if guard is not None:  # measured whenever there is a drawing; in the objective with a weight
                     lum = luminance(result, guard[0])                                         # (B, h, w)
                     reference = lum.detach() if reference is None else reference
-                    against = density_loss(lum, reference, guard[1]).mean()
-                    density.append(round(float(against.detach()), 6))
+                    against = density_loss(lum, reference, guard[1])                          # (B,)
+                    density.append(round(float(against.detach().mean()), 6))
                     loss = loss + opt.density_weight * against
-                loss = loss.mean()
-                eps.grad = torch.autograd.grad(loss, eps)[0]
+                # each image's own objective (B,): the gradient of the sum leaves every image's noise independent of
+                # the others in the batch (image i == a rerun with seed=seeds[i], num_images=1, and streaming)
+                eps.grad = torch.autograd.grad(loss.sum(), eps)[0]
             adam.step()
             with torch.no_grad():
                 eps.mul_(norm / eps.flatten(1).norm(dim=1)[:, None, None, None])
-            objective.append(round(float(loss), 5))
+            objective.append(round(float(loss.mean()), 5))
             last = time.perf_counter() - ts
         report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
                   "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight,

@@ -18,7 +18,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -167,14 +167,20 @@ class ModelLoadError(RuntimeError):
     """A model folder (or Hub id) that cannot be loaded; the message names it, says why and what to do."""
 
 
-def load_pipeline(model: str | None = None, device: str | None = None):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(model: str | None = None, device: str | None = None, dtype: str | None = None):
     """``BiomedJourneyPipeline.from_pretrained(model)`` (safetensors weights only: a folder holding pickled
     weights (``*.bin``) is refused there, never unpickled). Any failure (missing, truncated or mismatched weights, a bad
-    config) -> ModelLoadError with the folder's public name (no local path) and the fix."""
+    config) -> ModelLoadError with the folder's public name (no local path) and the fix. `dtype`: a DTYPES name (None:
+    float32 on the CPU, float16 on CUDA; bfloat16 on a CPU with AMX: README, "Speed")."""
     from .imaging import printable
     from .pipeline import BiomedJourneyPipeline, _public_model_id
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} (--dtype, $BIOMEDJOURNEY_DTYPE).")
     try:
-        return BiomedJourneyPipeline.from_pretrained(model, device=device)
+        return BiomedJourneyPipeline.from_pretrained(model, device=device, dtype=DTYPES.get(dtype))
     except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError, SafetensorError, ...
         src = str(model) if model else ""
         name = _public_model_id(src) if src else "the default model"
@@ -248,7 +254,26 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
                        noise_opt_steps: int | None = None) -> FollowUps:
     """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's.
     ``noise_opt_steps`` > 0: the initial noise is first optimised towards the described findings (guidance_targets)."""
-    from .pipeline import progress_callback
+    *_, result = iter_followups(pipe, prior, description, seed=seed, num_images=num_images, sampler=sampler,
+                                region=region, painted_mask=painted_mask, render=render, on_step=on_step,
+                                noise_opt_steps=noise_opt_steps)
+    return result
+
+
+@dataclass
+class _Request:
+    """One generation request with the model's defaults filled in, its plan made (iter_followups' setup)."""
+    prior_img: np.ndarray
+    warnings: list[str]
+    seed: int
+    seeds: list[int]
+    plan: EditPlan
+    pipe_kwargs: dict       # the pipeline's sampler settings, noise optimisation and harmonisation strength
+    steps_per_call: int     # denoising steps each pipeline call makes
+
+
+def _request(pipe, prior, description, seed, num_images, sampler, region, painted_mask, render,
+             noise_opt_steps) -> _Request:
     d = pipe.defaults
     empty = not check_description(description, allow_empty=True)  # the API may ask for no text (evaluation does)
     seed, num_images = check_settings(seed, num_images, sampler or {})
@@ -269,12 +294,61 @@ def generate_followups(pipe, prior: Any, description: str, *, seed: int | None =
         # SDEdit harmonisation of the drawing: a low strength keeps its shape (at least one denoising step)
         steps = kw.get("num_inference_steps") or d.num_inference_steps
         kw["strength"] = max(d.render_strength, 1.0 / steps)
-    t0 = time.perf_counter()
-    out = pipe(prior_img, description, num_images=n, seed=seed, mask_image=plan.mask, init_image=plan.renderings,
-               callback_on_step_end=None if on_step is None else progress_callback(on_step), **kw)
-    settings = {**out.settings, **plan.sidecar()}
-    return FollowUps(images=out.images, prior=out.prior, seeds=out.seeds, settings=settings, plan=plan,
-                     warnings=warnings, seconds=time.perf_counter() - t0)
+    from .pipeline import denoising_steps
+    per = denoising_steps(kw.get("num_inference_steps") or d.num_inference_steps, kw.get("strength") or d.strength)
+    return _Request(prior_img, warnings, seed, seeds, plan, kw, per)
+
+
+def iter_followups(pipe, prior: Any, description: str, *, first: int | None = None, seed: int | None = None,
+                   num_images: int | None = None, sampler: dict | None = None, region: str | None = None,
+                   painted_mask: np.ndarray | None = None, render: bool | None = None,
+                   on_step: Callable[[int], None] | None = None, noise_opt_steps: int | None = None
+                   ) -> Iterator[FollowUps]:
+    """generate_followups, streamed: with 0 < `first` < num_images it yields the first `first` images as soon as one
+    pipeline call has made them, then all of them after a second call for the rest (otherwise it yields once). The
+    images are the ones a single call makes: the plan (findings, mask, one drawing per seed) is made once for all
+    seeds, and image i depends only on seeds[i] (its own generator; pipeline `_Settings.seeds`). `on_step(k)`: steps
+    done over all calls (`pipeline_calls` says how many calls there are)."""
+    from .pipeline import progress_callback
+    q = _request(pipe, prior, description, seed, num_images, sampler, region, painted_mask, render, noise_opt_steps)
+    images, reports, seconds = [], [], 0.0
+    for c, (a, b) in enumerate(_chunks(len(q.seeds), first)):
+        tick = None if on_step is None else progress_callback(lambda i, off=c * q.steps_per_call: on_step(off + i))
+        t0 = time.perf_counter()
+        out = pipe(q.prior_img, description, num_images=b - a, seed=q.seed + a, mask_image=q.plan.mask,
+                   init_image=None if q.plan.renderings is None else q.plan.renderings[a:b], callback_on_step_end=tick,
+                   **q.pipe_kwargs)
+        seconds += time.perf_counter() - t0
+        images += out.images
+        reports.append((b - a, out.settings["noise_optimization"]))
+        settings = {**out.settings, "num_images": b, "seed": q.seed, "seeds": q.seeds[:b],
+                    "noise_optimization": _merged_reports(reports), **q.plan.sidecar()}
+        yield FollowUps(images=list(images), prior=out.prior, seeds=q.seeds[:b], settings=settings, plan=q.plan,
+                        warnings=q.warnings, seconds=seconds)
+
+
+def _chunks(n: int, first: int | None) -> list[tuple[int, int]]:
+    """The images each pipeline call makes: [(0, n)], or [(0, first), (first, n)] when streaming."""
+    return [(0, first), (first, n)] if first is not None and 0 < first < n else [(0, n)]
+
+
+def pipeline_calls(num_images: int, first: int | None) -> int:
+    """How many pipeline calls iter_followups makes (progress bars: steps per call x calls)."""
+    return len(_chunks(num_images, first))
+
+
+def _merged_reports(reports: list[tuple[int, dict | None]]) -> dict | None:
+    """Noise optimisation's reports of several calls as one: seconds added, the objective and the density term per
+    step averaged over all images (each call's figures are means over its own images), as one call would report."""
+    if reports[0][1] is None or len(reports) == 1:
+        return reports[0][1]
+    merged, total = dict(reports[-1][1]), sum(k for k, _ in reports)
+    merged["seconds"] = round(sum(r["seconds"] for _, r in reports), 3)
+    merged["steps"] = min(r["steps"] for _, r in reports)
+    for key in ("objective", "against_density"):
+        merged[key] = [round(sum(k * r[key][i] for k, r in reports) / total, 6) for i in range(
+            min(len(r[key]) for _, r in reports))]
+    return merged
 
 
 # a finding's change -> the probability noise optimisation asks the guidance model for

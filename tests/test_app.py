@@ -18,11 +18,16 @@ from biomedjourney.progression import ProgressionResult
 DESC = "New right pleural effusion."
 
 
-def _generate(app, prior, seed=7, randomise=False, n=2, **kw):
+def _views(app, prior, seed=7, randomise=False, n=2, **kw):
+    """Every FollowUpView generate() streams (the first sample, then everything)."""
     args = dict(description=DESC, num_images=n, steps=3, guidance=4.0, image_guidance=1.5, seed=seed,
                 randomise=randomise, scheduler="ddim")
     args.update(kw)
-    return app.generate(prior, **args)
+    return list(app.generate(prior, **args))
+
+
+def _generate(app, prior, **kw):
+    return _views(app, prior, **kw)[-1]
 
 
 def _has_label(img: np.ndarray) -> bool:
@@ -155,6 +160,19 @@ def test_generate_returns_marked_images_heatmaps_and_files(app_module, generated
     with zipfile.ZipFile(out.zip) as z:
         assert sorted(Path(n).name for n in z.namelist()) == sorted(p.name for p in paths)
     assert Path(out.zip).parent.parent.parent == app_module.OUTPUT_ROOT  # OUTPUT_ROOT/session/run
+
+
+def test_generate_streams_the_first_sample_then_everything(app_module, small_png):
+    first, every, last = _views(app_module, small_png, seed=3, n=3)
+    assert [cap for _, cap in first.gallery] == ["Sample 1 · seed 3"] and len(last.gallery) == 3
+    assert [cap for _, cap in every.gallery] == [cap for _, cap in last.gallery] and every.files == gr.skip()
+    np.testing.assert_allclose(first.gallery[0][0], last.gallery[0][0], atol=1)  # the same image, shown earlier
+    assert first.seed == 3 and first.chips == last.chips and len(first.state["images"]) == 1
+    for name in ("heatmaps", "mean_change", "uncertainty", "settings", "files", "zip"):  # sent once, at the end
+        assert getattr(first, name) == gr.skip(), name
+    assert last.settings["seeds"] == [3, 4, 5] and Path(last.zip).is_file()
+    one = _views(app_module, small_png, n=1)                 # one call: its image, then the heatmaps and files
+    assert len(one) == 2 and len(one[0].gallery) == 1 and one[0].zip == gr.skip() and Path(one[1].zip).is_file()
 
 
 def test_generate_shows_the_findings_and_the_region(app_module, generated):

@@ -58,3 +58,21 @@ def test_a_model_with_a_guidance_model_gets_the_noise_optimisation_row(bench):
     rows = res["sizes"][1]["rows"]
     assert rows["ours_service"]["unet_calls"] == rows["ours_service_no_noise_opt"]["unet_calls"] + 3 * 2
     assert "without its 2 noise-optimisation steps" in bench.summary(res)
+
+
+def test_the_low_precision_row_times_the_same_request_and_compares_its_images(bench):
+    import torch
+
+    from biomedjourney.pipeline import tiny_pipeline
+
+    pipe, low = tiny_pipeline(), tiny_pipeline().to(dtype=torch.bfloat16)
+    r = pipe.resolution
+    req = bench.make_request(pipe, prior=np.random.RandomState(0).rand(r, r).astype(np.float32))
+    res = bench.benchmark(pipe, sizes=(1,), repeats=1, req=req, peer_default_steps=2, equal_steps=2, matmul_size=256,
+                          low_precision=low)
+    s = res["sizes"][1]
+    row, q = s["rows"]["ours_service_lowp"], s["quality"]["ours_service_lowp_vs_ours_service"]
+    assert row["unet_calls"] == s["rows"]["ours_service"]["unet_calls"] and row["finite"]
+    assert res["lowp_dtype"] == "bfloat16" and "bfloat16" in res["lowp_matmul"] and res["lowp_peak_flops"] > 0
+    assert 0 < q["max_abs"] < 0.2 and q["ssim"] > 0.9       # the same images up to rounding, not other images
+    assert "in bfloat16" in bench.summary(res) and "the model in bfloat16" in bench.report(res)

@@ -156,6 +156,26 @@ def test_service_asks_for_new_findings_and_notes_when_it_cannot(gpipe, pipe, pri
         service.generate_followups(gpipe, prior, "New effusion.", num_images=1, noise_opt_steps=-1)
 
 
+def test_streamed_followups_are_the_images_of_one_call(gpipe, prior):
+    """iter_followups(first=1): the first image after one call, then all; the same images and one merged report."""
+    from biomedjourney import service
+    kw = dict(seed=5, num_images=3, render=True, noise_opt_steps=2, sampler={"num_inference_steps": 4})
+    whole = service.generate_followups(gpipe, prior, "New right pleural effusion.", **kw)
+    ticks = []
+    parts = list(service.iter_followups(gpipe, prior, "New right pleural effusion.", first=1, on_step=ticks.append,
+                                        **kw))
+    assert [len(p.images) for p in parts] == [1, 3] and [p.seeds for p in parts] == [[5], [5, 6, 7]]
+    for a, b in zip(whole.images, parts[-1].images):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    per = len(ticks) // 2
+    assert per >= 1 and ticks == list(range(1, 2 * per + 1)) and service.pipeline_calls(3, 1) == 2
+    rep, one = parts[-1].settings["noise_optimization"], whole.settings["noise_optimization"]
+    assert rep["steps"] == one["steps"] == 2 and rep["targets"] == one["targets"]
+    np.testing.assert_allclose(rep["objective"], one["objective"], rtol=1e-3)  # the mean over all 3 images
+    assert parts[-1].settings["num_images"] == 3 and parts[-1].settings["seeds"] == [5, 6, 7]
+    assert parts[-1].plan is parts[0].plan  # one plan (mask, drawings) for every seed
+
+
 def test_consistency_loss_is_zero_at_high_noise_and_counts_identity_and_findings():
     from train.config import DiffusionTrain
     from train.train import consistency_loss

@@ -37,3 +37,17 @@ def test_plan_says_what_it_read_and_where(film):
 def test_an_empty_painted_mask_is_refused_with_the_reason(film):
     with pytest.raises(ValueError, match="empty"):
         plan_edit(film, "New right pleural effusion.", [0], painted_mask=np.zeros((64, 64), np.float32))
+
+
+def test_the_model_loads_in_the_precision_asked_for_and_says_so(tiny_model_dir, film):
+    import torch
+
+    from biomedjourney import cli, service
+    assert cli.DTYPE_NAMES == tuple(service.DTYPES)            # the CLI's and app's choices are the loader's
+    pipe = service.load_pipeline(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.bfloat16
+    r = generate_followups(pipe, film, "New right pleural effusion.", seed=0, num_images=1,
+                           sampler={"num_inference_steps": 2})
+    assert r.settings["dtype"] == "bfloat16" and np.isfinite(r.images[0]).all() and r.images[0].dtype == np.float32
+    with pytest.raises(service.ModelLoadError, match="Unknown dtype 'fp8'.*float32, bfloat16, float16"):
+        service.load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp8")
