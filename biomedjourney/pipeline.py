@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -312,7 +313,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         ((R, R), or (B, R, R): one per image): the trajectory starts from this picture noised to `strength` instead
         of the prior (e.g. a knowledge-driven rendering of the finding, harmonised by the model: SDEdit, Meng et al.
         2022, arXiv:2108.01073); the NO_CHANGE reference still starts from the prior (same noise), and change
-        transfer adds the start picture's fine detail in place of the prior's (`_residuals`). `noise_optimization`:
+        transfer adds the start picture's fine detail in place of the prior's (`_compose_from_start`). `noise_optimization`:
         the initial noise is first optimised towards its targets by the guidance model (`NoiseOptimization`); what
         it did goes in settings['noise_optimization']."""
         r = self._resolve(prior is None, dict(num_images=num_images, num_inference_steps=num_inference_steps,
@@ -365,9 +366,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             return self._output(list(latents[:r.n]), prior_img, r.seeds, settings, mask_image, output_type, return_dict)
         images = self.decode_latents(latents)
         if r.from_start:
-            residual = _residuals(init_image, self.decode_latents(start_lat[:r.n]), prior_img,
-                                  self.decode_latents(prior_lat[:1])[0])
-            images = _compose(images, prior_img, mask_image, r, residual)
+            images = _compose_from_start(images, init_image, self.decode_latents(start_lat[:r.n]), prior_img,
+                                         self.decode_latents(prior_lat[:1])[0], mask_image, r)
         else:
             images = _compose(images, prior_img, mask_image, r)
         return self._output(images, prior_img, r.seeds, settings, mask_image, output_type, return_dict)
@@ -639,27 +639,47 @@ def _generators(generator, r: _Settings) -> list[torch.Generator]:
     return [generator] * r.n if isinstance(generator, torch.Generator) else list(generator)
 
 
-def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings,
-             residual: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Change transfer: prior + sample(prompt) - sample(NO_CHANGE) (+ `residual`: a start picture's detail in place of
-    the prior's); a mask keeps the prior outside it."""
+def _compose(images: list[np.ndarray], prior_img, mask_image, r: _Settings) -> list[np.ndarray]:
+    """Change transfer: prior + sample(prompt) - sample(NO_CHANGE); a mask keeps the prior outside it."""
     n = r.n
     m = 1.0 if mask_image is None else mask_image.astype(np.float32)
     if r.transfer:
-        extra = residual if residual is not None else [0.0] * n
-        return [np.clip(prior_img + m * (a - b + e), 0.0, 1.0) for a, b, e in zip(images[:n], images[n:], extra)]
+        return [np.clip(prior_img + m * (a - b), 0.0, 1.0) for a, b in zip(images[:n], images[n:])]
     if mask_image is not None:
         return [np.clip(prior_img + m * (a - prior_img), 0.0, 1.0) for a in images]
     return images
 
 
-def _residuals(init_image: np.ndarray, start_recon: list[np.ndarray], prior_img: np.ndarray,
-               prior_recon: np.ndarray) -> list[np.ndarray]:
-    """Per image: (start - decode(encode(start))) - (prior - decode(encode(prior))), the start picture's fine detail
-    that the autoencoder drops, in place of the prior's. Change transfer adds back the prior's detail everywhere,
-    which inside a drawn effusion would bring back the ribs and vessels the drawing had faded."""
-    starts = np.broadcast_to(init_image.astype(np.float32), (len(start_recon), *prior_img.shape))
-    return [(s - b) - (prior_img - prior_recon) for s, b in zip(starts, start_recon)]
+ERASED_AT = 0.03    # a drawing that lowered the prior's edge strength by this much per pixel (at 256 px) erased it
+
+
+def erased_edges(start: np.ndarray, prior_img: np.ndarray) -> np.ndarray:
+    """(R, R) in [0, 1]: the prior's edges (hemidiaphragm, heart border, vessels) that a start picture erased, grown by
+    ~3 px at 256 px: where its gradient magnitude fell by ERASED_AT or more. 0 wherever the drawing kept the prior."""
+    px = prior_img.shape[-1] / 256
+    grad = lambda im: ndimage.gaussian_gradient_magnitude(im.astype(np.float32), max(px, 0.5)) / px   # per 256-px pixel
+    lost = ndimage.maximum_filter(np.maximum(grad(prior_img) - grad(start), 0), 2 * int(3 * px) + 1)
+    t = np.clip(lost / ERASED_AT, 0, 1)
+    return (t * t * (3 - 2 * t)).astype(np.float32)
+
+
+def _compose_from_start(images: list[np.ndarray], init_image: np.ndarray, start_recon: list[np.ndarray],
+                        prior_img: np.ndarray, prior_recon: np.ndarray, mask_image, r: _Settings) -> list[np.ndarray]:
+    """Change transfer from a start picture S (a drawing), per image: S + (a - D(E(S))) - (1 - w) (b - D(E(prior))),
+    a = sample(prompt) from S, b = sample(NO_CHANGE) from the prior, w = erased_edges(S, prior). Where the drawing kept
+    the prior's structure (w = 0) this is prior + a - b + the drawing's fine detail in place of the prior's (the
+    autoencoder drops both): the model's blur and noise cancel between the two samples (same noise). Along an edge of
+    the prior that the drawing erased (w = 1), b's error there is the prior's own structure, which is no longer in the
+    picture: subtracted, it drew the hemidiaphragm back as a ghost line through a drawn effusion (no silhouette
+    sign), so it is left out there. A mask keeps the prior outside it."""
+    n = r.n
+    m = 1.0 if mask_image is None else mask_image.astype(np.float32)
+    starts = np.broadcast_to(init_image.astype(np.float32), (n, *prior_img.shape))
+    out = []
+    for s, a, b, ds in zip(starts, images[:n], images[n:], start_recon):
+        follow = s + (a - ds) - (1 - erased_edges(s, prior_img)) * (b - prior_recon)
+        out.append(np.clip(prior_img + m * (follow - prior_img), 0.0, 1.0))
+    return out
 
 
 def dual_guidance(e_full: torch.Tensor, e_image: torch.Tensor, e_uncond: torch.Tensor,

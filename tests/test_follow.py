@@ -134,6 +134,30 @@ def test_density_sees_a_region_darkened_where_the_text_asks_for_density():
     assert out[LEFT]["wrong_pixels"] == pytest.approx(1.0) and out["New right pneumothorax."]["mean"] > 0
 
 
+def test_ghost_measures_how_much_of_the_covered_prior_comes_back():
+    """A drawing covers a sharp edge of the prior; an output that draws the edge back scores its share of it, one
+    that keeps the drawing scores 0, and descriptions without a drawing are not scored."""
+    from biomedjourney.evaluate.follow import ghost, returned_structure
+    y, _ = np.mgrid[0:256, 0:256]
+    prior = np.where(y < 160, 0.3, 0.8).astype(np.float32)
+    drawing = prior.copy()
+    drawing[112:208, :128] = 0.8                                   # fluid over the edge (left half)
+    where = np.zeros_like(prior, bool)
+    where[112:208, :128] = True
+    assert returned_structure(drawing, drawing, prior, where) == pytest.approx(0.0, abs=1e-6)
+    assert returned_structure(prior, drawing, prior, where) == pytest.approx(1.0)
+    half_back = drawing + 0.5 * (prior - drawing)
+    assert returned_structure(half_back, drawing, prior, where) == pytest.approx(0.5)
+    assert math.isnan(returned_structure(prior, drawing, prior, np.zeros_like(where)))
+    mask = where.astype(np.float32)
+    g = Generated([Prior("a", "pa", prior)], [0], {RIGHT: prior[None, None], LEFT: drawing[None, None]},
+                  {RIGHT: mask[None, None], LEFT: mask[None, None]}, [atlas_anatomy((256, 256))], 1.0,
+                  {RIGHT: drawing[None, None], LEFT: np.full((1, 1, 256, 256), np.nan, np.float32)})
+    out = ghost(g)
+    assert set(out) == {RIGHT} and out[RIGHT]["samples"] == 1
+    assert out[RIGHT]["edges"] == pytest.approx(1.0) and out[RIGHT]["core"] == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------- generation, lift, CLI
 @pytest.fixture(scope="module")
 def generated():
@@ -172,7 +196,7 @@ def test_cli_writes_follow_json(tmp_path, tiny_model_dir, monkeypatch):
                  "--label", "tiny"])
     res = json.loads((out / "follow.json").read_text())
     assert {"settings", "n_priors", "seeds", "lift", "side_accuracy", "zone_accuracy", "outside_mask_share",
-            "reid_auc", "no_change_ssim", "seconds_per_image", "density"} <= set(res)
+            "reid_auc", "no_change_ssim", "seconds_per_image", "density", "ghost"} <= set(res)
     assert res["n_priors"] == 2 and res["seeds"] == [0] and res["settings"]["region"] == "off"
     assert res["settings"]["sampler"]["num_inference_steps"] == 2
     assert set(res["lift"]) == set(DESCRIPTIONS) - {NO_CHANGE}

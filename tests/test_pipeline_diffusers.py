@@ -8,7 +8,7 @@ import torch
 
 from biomedjourney.config import NO_CHANGE
 from biomedjourney.model import SCHEDULERS
-from biomedjourney.pipeline import BiomedJourneyPipeline
+from biomedjourney.pipeline import BiomedJourneyPipeline, _compose_from_start, _Settings, erased_edges
 
 TEXT = "New right pleural effusion."
 
@@ -141,8 +141,9 @@ def test_soft_mask_scales_the_change_at_its_border(pipe, prior):
 
 def test_init_image_starts_the_described_trajectory_from_that_picture(pipe, prior, box, monkeypatch):
     """SDEdit from a rendering: the description's trajectory starts from the noised init image, the NO_CHANGE
-    reference from the noised prior (same noise); change transfer then carries the rendering's own fine detail:
-    out = prior + mask * (a - b + (init - D(E(init))) - (prior - D(E(prior))))."""
+    reference from the noised prior (same noise); change transfer then carries the rendering's own fine detail and,
+    along the prior's edges that the rendering erased (w), leaves out the NO_CHANGE sample's error:
+    out = prior + mask * (init + (a - D(E(init))) - (1 - w) (b - D(E(prior))) - prior)."""
     rendered = prior.copy()
     rendered[box == 1] = np.clip(rendered[box == 1] + 0.5, 0, 1)
     kw = dict(num_images=2, seed=0, num_inference_steps=10, strength=0.3, mask_image=box, change_transfer=True)
@@ -168,11 +169,37 @@ def test_init_image_starts_the_described_trajectory_from_that_picture(pipe, prio
     text_kw = {**kw, "change_transfer": False}
     ref = torch.stack(pipe(prior, NO_CHANGE, output_type="latent", **text_kw).images)      # from the prior
     rec_init, rec_prior = pipe.decode_latents(z_init)[0], pipe.decode_latents(z_prior)[0]
-    detail = (rendered - rec_init) - (prior - rec_prior)
+    w = erased_edges(rendered, prior)
     for im, x, y in zip(out.images, pipe.decode_latents(lat), pipe.decode_latents(ref)):
-        np.testing.assert_allclose(im, np.clip(prior + box * (x - y + detail), 0, 1), atol=2e-4)
+        follow = rendered + (x - rec_init) - (1 - w) * (y - rec_prior)
+        np.testing.assert_allclose(im, np.clip(prior + box * (follow - prior), 0, 1), atol=2e-4)
     same = pipe(prior, NO_CHANGE, init_image=rendered, **kw)
     assert not np.allclose(same.images[0], prior)   # a rendering is a change even under the no-change text
+
+
+def test_an_edge_the_drawing_erased_is_not_drawn_back_as_a_ghost():
+    """Where a drawing covered an edge of the prior (a drawn effusion over the hemidiaphragm), the NO_CHANGE sample's
+    error along that edge is the prior's structure, not the model's noise: it is left out there (no ghost line). Where
+    the drawing kept the prior, nothing changes from plain change transfer (prior + a - b + the drawing's detail in
+    place of the prior's), so the model's shared blur still cancels. 256 px: the shipped resolution."""
+    r = _Settings(n=1, steps=4, g_text=1.0, g_img=1.0, scheduler="ddim", strength=0.3, negative_prompt="",
+                  transfer=True, seed=0, text_only=False)
+    y, _ = np.mgrid[0:256, 0:256]
+    prior = np.where(y < 160, 0.3, 0.8).astype(np.float32)                # a sharp horizontal edge at row 160
+    drawing = prior.copy()
+    drawing[112:208, :128] = 0.8                                           # fluid over the edge, left half only
+    w = erased_edges(drawing, prior)
+    assert w[158:162, 8:120].min() == 1.0 and w[:, 140:].max() == 0.0 and w[60:100].max() == 0.0
+    edge_error = np.where(np.abs(y - 160) < 3, 0.1, 0.0).astype(np.float32)  # the model's error at the prior's edge
+    blur = np.full_like(prior, 0.02)                                         # shared by both samples (same noise)
+    prior_recon, start_recon = prior - 0.01, drawing - 0.01
+    a = start_recon + blur                                                   # the description: the drawing, harmonised
+    b = prior_recon + blur + edge_error                                      # NO_CHANGE from the prior, with the edge
+    out = _compose_from_start([a, b], drawing, [start_recon], prior, prior_recon, None, r)[0]
+    plain = np.clip(prior + a - b + (drawing - start_recon) - (prior - prior_recon), 0, 1)
+    assert np.abs(out - drawing)[120:200, 10:118].max() < 0.021            # inside the drawing: no ghost of the edge
+    assert np.abs(plain - drawing)[120:200, 10:118].max() > 0.09           # (plain transfer drew it back)
+    np.testing.assert_allclose(out[:, 140:], plain[:, 140:], atol=1e-6)    # the kept half: plain change transfer
 
 
 def test_from_pretrained_never_unpickles(tmp_path, monkeypatch):

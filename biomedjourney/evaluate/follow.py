@@ -14,6 +14,9 @@ per call), and measured:
     density       inside the edit mask (> 0.5): the mean change in the finding's own direction (dense findings
                   brighten the film, a pneumothorax darkens it), the share of pixels that moved the wrong way by
                   more than 0.02, and the share of samples whose mean change there has the wrong sign
+    ghost         where the knowledge-driven drawing replaced the prior: the share of the prior's fine structure the
+                  drawing took away (high-pass 3 px) that comes back in the output, along the edges it erased and
+                  in the mask's core (0: none, 1: all of it; e.g. the hemidiaphragm through a drawn effusion)
     identity      re-identification AUC (own prior vs other patients' priors) and SSIM(no-change, prior)
 
 Writes follow.json, follow.md and follow_grid.png. The evaluators are the evaluation battery, trained on
@@ -81,13 +84,14 @@ class Prior:
 
 @dataclass
 class Generated:
-    """All generations of one run: images[d] (P, S, R, R); masks[d] (P, S, R, R) with NaN where none."""
+    """All generations of one run: images[d], masks[d], drawings[d] (P, S, R, R), NaN where there is none."""
     priors: list[Prior]
     seeds: list[int]
     images: dict[str, np.ndarray]
     masks: dict[str, np.ndarray]
     anatomy: list[Anatomy]
     seconds: float
+    drawings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # the knowledge-driven start pictures
 
 
 # ------------------------------------------------------------------------- priors
@@ -181,6 +185,7 @@ def generate_all(pipe, priors: list[Prior], seeds: list[int], *, region: str, re
     P, S = len(priors), len(seeds)
     images = {d: np.zeros((P, S, res, res), np.float32) for d in descriptions}
     masks = {d: np.full((P, S, res, res), np.nan, np.float32) for d in descriptions}
+    drawings = {d: np.full((P, S, res, res), np.nan, np.float32) for d in descriptions}
     secs, bar = 0.0, tqdm(total=P * S * len(descriptions), desc=f"follow-ups ({region}, render {render})")
     for i, p in enumerate(priors):
         for d in descriptions:
@@ -190,10 +195,12 @@ def generate_all(pipe, priors: list[Prior], seeds: list[int], *, region: str, re
                 secs += time.perf_counter() - t0
                 images[d][i, k] = r.images[0]
                 masks[d][i, k] = fit(region_mask(r.prior, d, s, region, r.plan.mask), res)
+                if r.plan.renderings is not None:
+                    drawings[d][i, k] = fit(r.plan.renderings[0], res)
                 bar.update()
     bar.close()
     anatomy = [segment(p.image, size=res) for p in priors]
-    return Generated(priors, seeds, images, masks, anatomy, secs)
+    return Generated(priors, seeds, images, masks, anatomy, secs, drawings)
 
 
 # ------------------------------------------------------------------------- summaries
@@ -280,6 +287,46 @@ def density(g: Generated) -> dict:
     return out
 
 
+GHOST_SIGMA = 3.0    # px at 256: the fine structure (edges, ribs, vessels) whose return the ghost measure counts
+
+
+def returned_structure(out: np.ndarray, drawing: np.ndarray, prior: np.ndarray, where: np.ndarray) -> float:
+    """The share of the prior's fine structure that the drawing took away and that comes back in the output, inside
+    `where` (H, W bool): the regression coefficient of HP(out - drawing) on HP(prior - drawing), HP = high-pass at
+    GHOST_SIGMA. 0: the output kept the drawing's structure; 1: the prior's edges are all back. NaN: too few pixels."""
+    from scipy import ndimage
+    sigma = GHOST_SIGMA * prior.shape[-1] / 256
+    hp = lambda x: x - ndimage.gaussian_filter(x.astype(np.float32), sigma)
+    ref = hp(prior - drawing)[where]
+    den = float((ref ** 2).sum())
+    if where.sum() < 20 or den == 0:
+        return float("nan")
+    return float((hp(out - drawing)[where] * ref).sum()) / den
+
+
+def ghost(g: Generated) -> dict:
+    """{description: {edges, core, samples}} for descriptions with a drawing: returned_structure along the prior's
+    edges the drawing erased (pipeline.erased_edges > 0.5) and in the mask's core, averaged over samples."""
+    from ..pipeline import erased_edges
+    out = {}
+    for d, drawn in g.drawings.items():
+        edges, core = [], []
+        for i, p in enumerate(g.priors):
+            for k in range(len(g.seeds)):
+                if np.isnan(drawn[i, k]).any():
+                    continue
+                inside = np.nan_to_num(g.masks[d][i, k]) > MASK_CORE
+                e = returned_structure(g.images[d][i, k], drawn[i, k], p.image,
+                                       inside & (erased_edges(drawn[i, k], p.image) > 0.5))
+                c = returned_structure(g.images[d][i, k], drawn[i, k], p.image, inside)
+                edges += [e] if np.isfinite(e) else []
+                core += [c] if np.isfinite(c) else []
+        if core:
+            out[d] = {"edges": float(np.mean(edges)) if edges else float("nan"), "core": float(np.mean(core)),
+                      "samples": len(core)}
+    return out
+
+
 def identity(g: Generated, ev) -> dict:
     """Re-identification AUC of every generated image vs its own prior (negatives: other patients' priors,
     each prior once), per seed and pooled; SSIM of the no-change output to its prior."""
@@ -329,7 +376,7 @@ def summarise(g: Generated, ev, settings: dict) -> dict:
     return {
         "settings": settings, "n_priors": len(g.priors), "seeds": list(g.seeds),
         "lift": lifts, "diagonal": diagonal(lifts, named), "side_accuracy": side_accuracy(g), "zone_accuracy": zone_accuracy(g),
-        "outside_mask_share": outside_mask(g), "density": density(g), "reid_auc": ident["reid_auc"],
+        "outside_mask_share": outside_mask(g), "density": density(g), "ghost": ghost(g), "reid_auc": ident["reid_auc"],
         "no_change_ssim": ident["no_change_ssim"], "seconds_per_image": g.seconds / max(n, 1),
         "reid_auc_per_seed": ident["reid_auc_per_seed"], "generation_seconds": g.seconds, "n_images": n,
         "named_label": named,
@@ -421,6 +468,12 @@ def markdown(res: dict, title: str) -> str:
               "|---|---|---|---|"]
     lines += [f"| {d} | {_fmt(v['mean'])} | {_fmt(v['wrong_pixels'])} | {_fmt(v['wrong_samples'])} |"
               for d, v in res.get("density", {}).items()]
+    lines += ["", "## Ghosts: does the prior's structure that the drawing covered come back?", "",
+              f"Share of the prior's fine structure (high-pass {GHOST_SIGMA:g} px) that the knowledge-driven drawing "
+              "took away and that returns in the output (0 none, 1 all): along the prior's edges the drawing erased, "
+              "and in the edit mask's core.", "", "| description | erased edges | mask core | samples |",
+              "|---|---|---|---|"]
+    lines += [f"| {d} | {_fmt(v['edges'])} | {_fmt(v['core'])} | {v['samples']} |" for d, v in res.get("ghost", {}).items()]
     lines += ["",
               "## Identity and cost", "",
               f"- re-identification AUC (generated vs own prior, other patients' priors as negatives): "
