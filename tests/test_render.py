@@ -159,13 +159,26 @@ def test_cardiomegaly_widens_the_heart():
 def test_pneumothorax_space_is_darker_and_smoother():
     r = render(Finding(name="pneumothorax", side="right", severity="moderate"))
     d, fr = pneumothorax_distance(A, "right")
-    space = (d < pneumothorax_width(fr, "moderate") - 2) & (A.right_lung > 0.99)
+    space = (d < pneumothorax_width(fr, "moderate") - 2) & (d > 3) & (A.right_lung > 0.99)   # off the soft wall edge
     def fine(img):                                                                 # high-pass: the lung markings
         return img - ndimage.gaussian_filter(img, 2)
     assert r.image[space].mean() < PRIOR[space].mean() - 0.02
     assert fine(r.image)[space].std() < 0.5 * fine(PRIOR)[space].std()
     line = (np.abs(d - pneumothorax_width(fr, "moderate")) < 0.7) & (A.right_lung > 0.99)
     assert r.image[line].mean() > r.image[space].mean() + 0.05                    # the white pleural line
+
+
+def test_pneumothorax_keeps_the_ribs_sharp_across_the_space():
+    """Ribs are bone and stay visible across a pneumothorax, edges and all; only the lung markings go."""
+    y = np.mgrid[0:256, 0:256][0]
+    lungs = A.lung("bilateral")
+    prior = (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)  # 8-px ribs
+    r = render(Finding(name="pneumothorax", side="right", severity="moderate"), prior=prior)
+    d, fr = pneumothorax_distance(A, "right")
+    space = (d < pneumothorax_width(fr, "moderate") - 2) & (d > 3) & (A.right_lung > 0.99)
+    edges = lambda img: img - ndimage.gaussian_filter(img, 2)                      # the ribs' cortical edges
+    kept = edges(r.image)[space].std() / edges(prior)[space].std()
+    assert kept > 0.8, f"rib edges kept {kept:.2f}"
 
 
 def test_same_seed_same_image_different_seeds_differ():
