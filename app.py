@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import os
 
+from biomedjourney.cli import DTYPE_NAMES  # light: no torch, so --help stays instant
+
 MODEL_ENV_NAME = "BIOMEDJOURNEY_MODEL"  # == biomedjourney.pipeline.MODEL_ENV (not imported: --help stays instant)
 DTYPE_ENV_NAME = "BIOMEDJOURNEY_DTYPE"  # one of biomedjourney.service.DTYPES; unset: the loader's default
 
@@ -24,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="0.0.0.0 to listen on all interfaces (e.g. in a container)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=os.environ.get(DTYPE_ENV_NAME),
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=os.environ.get(DTYPE_ENV_NAME),
                     help=f"weights and compute precision (sets ${DTYPE_ENV_NAME}; default: float32 on the CPU, float16 "
                          "on CUDA); bfloat16 is faster on CPUs with AMX (README, 'Speed')")
     args = ap.parse_args(argv)
@@ -62,7 +64,7 @@ from biomedjourney.imaging import (ImageLoadError, LoadedImage, to_uint8, cxr_wa
                                    read_image, to_model_input)
 from biomedjourney.model import SCHEDULERS
 from biomedjourney.pipeline import (MAX_IMAGES, MODEL_ENV, BiomedJourneyPipeline, _public_model_id,
-                                    default_model_path, denoising_steps, read_defaults)
+                                    default_model_path, read_defaults)
 from biomedjourney.service import ModelLoadError, check_description, load_pipeline
 from biomedjourney.progression import NO_CHANGE, ProgressionError, describe_progression
 
@@ -581,14 +583,12 @@ def generate(prior_file, description, num_images, steps, guidance, image_guidanc
     if render and sampler["strength"] == d.strength:  # slider untouched: the model's harmonisation strength
         sampler["strength"] = None
     painted = _painted(paint, canvas, pipe.resolution)
-    total = denoising_steps(sampler["num_inference_steps"], sampler["strength"] or d.strength)
-    total *= service.pipeline_calls(int(n), STREAM_FIRST)
     with _guard("The generation"):
         results = service.iter_followups(
             pipe, loaded, description, first=STREAM_FIRST, seed=seed, num_images=n, sampler=sampler, region=region,
             painted_mask=painted, render=render,
             noise_opt_steps=None if noise_opt is None else int(_number(noise_opt, "noise_opt_steps")),
-            on_step=lambda i: progress((i, total), desc="Generating follow-ups", unit="steps"))
+            on_step=lambda i, total: progress((i, total), desc="Generating follow-ups", unit="steps"))
         res = next(results)
         yield _partial_view(res, seed)          # the first sample now (all of them when one call makes them)
         if len(res.images) < int(n):

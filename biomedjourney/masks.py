@@ -380,6 +380,7 @@ PNEUMOTHORAX_RIM = {"mild": 0.12, "moderate": 0.22, "severe": 0.38}     # of the
 
 def pneumothorax_distance(anatomy: Anatomy, side: str) -> tuple[np.ndarray, LungFrame | None]:
     """((H, W) px from the apical/lateral chest wall inside the lung (inf outside), the lung's frame).
+    Not from the hemidiaphragm: on an upright film the air collects at the apex and along the lateral wall.
     The lung outline is smoothed first (sigma 8 px at 256) so the pleural line runs smoothly, not along the ribs."""
     f = lung_frame(anatomy, side)
     if f is None:
@@ -390,7 +391,8 @@ def pneumothorax_distance(anatomy: Anatomy, side: str) -> tuple[np.ndarray, Lung
     y, x = np.mgrid[0:h, 0:w]
     lateral_of = (x - (f.medial + f.lateral) / 2) * f.lateral_sign > 0
     above = (y < f.top + 0.35 * f.height) & ((x - (2 * f.medial + f.lateral) / 3) * f.lateral_sign > 0)
-    wall = ~f.core & (lateral_of | above)                                 # chest wall: lateral of / above the lung
+    below = np.maximum.accumulate(f.core, axis=0) & ~f.core                # under the lung: the hemidiaphragm
+    wall = ~f.core & ~below & (lateral_of | above)                        # chest wall: lateral of / above the lung
     d = ndimage.distance_transform_edt(~wall).astype(np.float32)
     return np.where(f.core, d, np.inf).astype(np.float32), f
 

@@ -317,6 +317,7 @@ def draw_pneumothorax(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, 
         width = pneumothorax_width(fr, severity_of(f))                     # (H, 1) px
         inside = np.where(np.isfinite(d), d, 0)
         space = smoothstep((width - inside) / (1.5 * c.px)) * smoothstep(inside / (2 * c.px))  # soft at the wall too
+        space = ndimage.gaussian_filter(space, 0.8 * c.px)                 # the mask's pixel steps anti-aliased
         med = ndimage.median_filter(img, 2 * round(3 * c.px) + 1)          # vessels gone, ribs kept with their edges
         air = med - 0.35 * np.maximum(_lowpass(med, 4 * c.px) - lv.air, 0) - 0.01   # darker, the ribs' contrast kept
         img = img + space * (air - img)

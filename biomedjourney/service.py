@@ -250,7 +250,7 @@ def load_prior(prior: Any) -> tuple[LoadedImage | np.ndarray, list[str]]:
 
 def generate_followups(pipe, prior: Any, description: str, *, seed: int | None = None, num_images: int | None = None,
                        sampler: dict | None = None, region: str | None = None, painted_mask: np.ndarray | None = None,
-                       render: bool | None = None, on_step: Callable[[int], None] | None = None,
+                       render: bool | None = None, on_step: Callable[[int, int], None] | None = None,
                        noise_opt_steps: int | None = None) -> FollowUps:
     """Prior + description -> follow-ups restricted to the described region. Unset settings: the model's.
     ``noise_opt_steps`` > 0: the initial noise is first optimised towards the described findings (guidance_targets)."""
@@ -302,18 +302,22 @@ def _request(pipe, prior, description, seed, num_images, sampler, region, painte
 def iter_followups(pipe, prior: Any, description: str, *, first: int | None = None, seed: int | None = None,
                    num_images: int | None = None, sampler: dict | None = None, region: str | None = None,
                    painted_mask: np.ndarray | None = None, render: bool | None = None,
-                   on_step: Callable[[int], None] | None = None, noise_opt_steps: int | None = None
+                   on_step: Callable[[int, int], None] | None = None, noise_opt_steps: int | None = None
                    ) -> Iterator[FollowUps]:
     """generate_followups, streamed: with 0 < `first` < num_images it yields the first `first` images as soon as one
     pipeline call has made them, then all of them after a second call for the rest (otherwise it yields once). The
     images are the ones a single call makes: the plan (findings, mask, one drawing per seed) is made once for all
-    seeds, and image i depends only on seeds[i] (its own generator; pipeline `_Settings.seeds`). `on_step(k)`: steps
-    done over all calls (`pipeline_calls` says how many calls there are)."""
+    seeds, and image i depends only on seeds[i] (its own generator; pipeline `_Settings.seeds`). `on_step(k, total)`:
+    denoising steps done over all calls, and their number (a harmonised drawing takes fewer than the strength
+    slider says: `render_strength`)."""
     from .pipeline import progress_callback
     q = _request(pipe, prior, description, seed, num_images, sampler, region, painted_mask, render, noise_opt_steps)
     images, reports, seconds = [], [], 0.0
-    for c, (a, b) in enumerate(_chunks(len(q.seeds), first)):
-        tick = None if on_step is None else progress_callback(lambda i, off=c * q.steps_per_call: on_step(off + i))
+    chunks = _chunks(len(q.seeds), first)
+    total = q.steps_per_call * len(chunks)
+    for c, (a, b) in enumerate(chunks):
+        tick = None if on_step is None else progress_callback(
+            lambda i, off=c * q.steps_per_call: on_step(off + i, total))
         t0 = time.perf_counter()
         out = pipe(q.prior_img, description, num_images=b - a, seed=q.seed + a, mask_image=q.plan.mask,
                    init_image=None if q.plan.renderings is None else q.plan.renderings[a:b], callback_on_step_end=tick,
@@ -440,18 +444,19 @@ def run_journey(pipe, prior: Any, journey_text: str, *, seed: int = 0, sampler: 
     Step k uses seed + k, so a journey is reproducible from one number; errors accumulate along the way."""
     from . import journey as jr
     from .imaging import save_png
-    from .pipeline import denoising_steps
     if not isinstance(journey_text, str) or journey_text.strip():  # an empty one: parse_journey says how to write it
         check_description(journey_text, "journey")
     plan = jr.parse_journey(journey_text)
     loaded, _ = load_prior(prior)
-    d, kw = pipe.defaults, dict(sampler or {})
-    per = denoising_steps(kw.get("num_inference_steps") or d.num_inference_steps, kw.get("strength") or d.strength)
-    current, results = loaded, []
+    kw = dict(sampler or {})
+    current, results, done = loaded, [], [0, 0]   # steps of the finished steps, of the current one
     for k, (_, description) in enumerate(plan):
-        tick = None if on_step is None else (lambda i, k=k: on_step(k * per + i, per * len(plan)))
+        def tick(i, total, left=len(plan) - k):   # the steps still to come are estimated as this one's
+            done[1] = total
+            on_step(done[0] + i, done[0] + total * left)
         r = generate_followups(pipe, current, description, seed=seed + k, num_images=1, sampler=kw, region=region,
-                               render=render, on_step=tick)
+                               render=render, on_step=None if on_step is None else tick)
+        done[0] += done[1]
         results.append(r)
         current = r.images[0]
     frames = [results[0].prior] + [r.images[0] for r in results]

@@ -392,6 +392,19 @@ def test_journey_service_chains_each_steps_image_into_the_next_prior(tmp_path):
         run_journey(pipe, start, " ; ", seed=0)
 
 
+def test_journey_progress_ends_full_when_drawings_are_harmonised():
+    """A drawn finding is harmonised at render_strength, fewer steps than the strength setting: the bar still ends
+    at its total (it stopped at 40 % when the total was counted at the default strength)."""
+    from biomedjourney.pipeline import tiny_pipeline
+    from biomedjourney.service import run_journey
+    pipe, ticks = tiny_pipeline(seed=0), []
+    start = np.random.default_rng(1).uniform(0.2, 0.8, (64, 64)).astype(np.float32)
+    run_journey(pipe, start, "a: new right pleural effusion; b: new left pleural effusion", seed=0,
+                sampler={"num_inference_steps": 5}, render=True, on_step=lambda i, total: ticks.append((i, total)))
+    assert ticks[-1][0] == ticks[-1][1] == len(ticks) < 10
+    assert [i for i, _ in ticks] == list(range(1, len(ticks) + 1))
+
+
 def test_filmstrip_and_gif_mark_generated_frames(tmp_path):
     frames = [np.full((64, 64), v, np.float32) for v in (0.5, 0.6, 0.7)]
     strip = journey.filmstrip(frames, ["prior (input)", "day 3", "day 10"], synthetic=[False, True, True])

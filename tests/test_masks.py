@@ -145,6 +145,15 @@ def test_pneumothorax_runs_along_the_lateral_chest_wall():
     assert centroid(p)[0] < f.top + 0.6 * f.height                                 # apical-lateral, not basal
 
 
+def test_pneumothorax_does_not_run_along_the_hemidiaphragm():
+    # Upright film: the air rises to the apex and the lateral wall; no pleural line along the dome's top.
+    p = m(name="pneumothorax", side="right") > 0.5
+    f = lung_frame(A, "right")
+    y, x = np.nonzero(f.core)
+    dome = (f.depth()[y] > 0.85) & (f.lateralness()[x] > 0.5) & (f.lateralness()[x] < 0.85)
+    assert dome.sum() > 100 and p[y[dome], x[dome]].mean() < 0.05                # was 0.83 from the dome's edge
+
+
 def test_painted_mask_messages():
     assert check_user_mask(np.zeros((64, 64))) == [EMPTY_MASK_ERROR]
     assert "paint" in EMPTY_MASK_ERROR and "clear" in EMPTY_MASK_ERROR
