@@ -273,7 +273,7 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
             continue
         if f.zone == "lower":
             dy = diaphragm_lift(c.anatomy, s, sev)                          # (H, W) px
-            img = warp(img, dy=dy)
+            img = _lift_keeping_ribs(img, dy, fr, c)
             lifted = f", the hemidiaphragm raised by up to {dy.max():.0f} px (volume loss)"
         wedge = collapse_wedge(c.anatomy, s, f.zone, sev)                  # px inside the fissure border, -inf outside
         soft_lung = ndimage.gaussian_filter(np.isfinite(wedge).astype(np.float32), 3 * c.px)
@@ -289,6 +289,22 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
         img = densify(img, alpha, c.levels.soft_tissue, keep_detail=0.45, sigma=6 * c.px)
     return img, (f"lobar collapse of the {f.zone} lobe: a wedge of soft-tissue density from the hilum, sharply "
                  f"bounded by the displaced fissure, vessels inside it lost{lifted}")
+
+
+def _lift_keeping_ribs(img: np.ndarray, dy: np.ndarray, fr, c: Ctx) -> np.ndarray:
+    """The hemidiaphragm and the lung above it moved up by dy (H, W) px; the ribs stay where they were: they are the
+    chest wall, not the lobe. Where the pixel and its source both lie in aerated lung (above the old base, 6 px
+    clear of the raised one) the warped picture's structure finer than 8 px (the ribs, and the vessels with them)
+    is replaced by the prior's own; the diaphragm's edge and the liver below it move."""
+    moved = warp(img, dy=dy)
+    band = lambda a: a - _lowpass(a, 8 * c.px)                             # ribs (~8 px) and finer
+    lung = warp(fr.core.astype(np.float32), dy=dy) > 0.5                   # the lung's extent after the lift
+    h = img.shape[0]
+    y = np.arange(h, dtype=np.float32)[:, None]
+    base = np.where(lung.any(0), h - 1 - np.argmax(lung[::-1], axis=0), -1)[None, :]   # (1, W) the raised dome's row
+    keep = (smoothstep((base - y - 6 * c.px) / (6 * c.px)) * ndimage.gaussian_filter(lung.astype(np.float32), 2 * c.px)
+            * np.clip(dy / 0.5, 0, 1))                                      # (H, W) aerated lung that moved
+    return moved + keep * (band(img) - band(moved))
 
 
 # Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio up 10-20% by severity), mostly to

@@ -6,8 +6,8 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import (EFFUSION_BELOW, effusion_depth, finding_mask, lung_frame, pneumothorax_distance,
-                                 pneumothorax_width)
+from biomedjourney.masks import (EFFUSION_BELOW, diaphragm_lift, effusion_depth, finding_mask, lung_frame,
+                                 pneumothorax_distance, pneumothorax_width)
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
 A = atlas_anatomy((256, 256))
@@ -111,6 +111,23 @@ def test_lower_lobe_collapse_raises_the_hemidiaphragm_and_densifies_a_medial_wed
     assert gain[lateral & lungs].mean() < 0.5 * gain[medial & lungs].mean()
     assert "lobar collapse" in r.notes[0]
     assert "plate-like" in render(Finding(name="atelectasis", side="right", zone="base")).notes[0]
+
+
+def test_lower_lobe_collapse_moves_the_hemidiaphragm_not_the_ribs():
+    """The ribs are the chest wall: they stay where they are when the lobe collapses and the dome rises."""
+    y = np.mgrid[0:256, 0:256][0]
+    lungs = A.lung("bilateral")
+    prior = (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)  # 8-px ribs
+    r = render(Finding(name="atelectasis", side="right", zone="lower", severity="severe"), prior=prior)
+    f = lung_frame(A, "right")
+    lateral = np.abs(np.arange(256) - f.lateral) < 0.4 * abs(f.lateral - f.medial)   # outside the medial wedge
+    in_lung = A.right_lung > 0.5
+    dome = 255 - np.argmax(in_lung[::-1], axis=0)                                 # (W,) each column's lowest lung row
+    lift = int(np.ceil(diaphragm_lift(A, "right", "severe").max()))
+    reg = in_lung & lateral[None, :] & (y > f.top + 0.5 * f.height) & (y < dome[None, :] - lift - 12)  # stays lung
+    fine = lambda img: img - ndimage.gaussian_filter(img, 6)
+    c = np.corrcoef(fine(prior)[reg], fine(r.image)[reg])[0, 1]
+    assert reg.sum() > 500 and c > 0.95, f"rib pattern correlation {c:.2f} over {reg.sum()} px"   # plain warp: 0.57
 
 
 def test_airspace_opacity_is_ill_defined_toward_spared_lung_but_sharp_at_the_minor_fissure():

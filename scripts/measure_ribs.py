@@ -1,0 +1,92 @@
+"""Do the ribs stay where a drawing should leave them: across a pneumothorax, and above a collapsed lower lobe?
+
+For No-Finding validation priors (the follow evaluation's selection), at the shipped defaults, the correlation of
+the drawing's and the output's rib-scale structure (band-pass 1.5-6 px) with the prior's. Ribs are bone, the chest
+wall: they stay visible across a pneumothorax (only the lung markings go) and stay in place when a lower lobe
+collapses and the hemidiaphragm rises (only the dome and the lung near it move).
+- pneumothorax ("New right/left pneumothorax."): inside the moderate rim's space, 2 px off the wall and the
+  pleural line; also the thin lines (vessels: the residual of a 5-px running median, which keeps steps such as
+  rib cortices), which should be gone;
+- collapse ("New right lower lobe atelectasis."): in the lateral half of the right lung (outside the wedge), from
+  the hilum down to 12 px above the raised dome.
+
+    python scripts/measure_ribs.py --priors 12 --seeds 2
+"""
+import argparse
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from biomedjourney.anatomy import segment
+from biomedjourney.evaluate.follow import select_priors
+from biomedjourney.masks import diaphragm_lift, lung_frame, pneumothorax_distance, pneumothorax_width
+from biomedjourney.service import generate_followups, load_pipeline
+
+
+def rib_scale(a: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_filter(a, 1.5) - ndimage.gaussian_filter(a, 6)
+
+
+def thin_lines(a: np.ndarray) -> np.ndarray:
+    return a - ndimage.median_filter(a, 5)
+
+
+def corr(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
+    a, b = a[m] - a[m].mean(), b[m] - b[m].mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--priors", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    pipe = load_pipeline()
+    rows: dict[str, list[float]] = {}
+    for p in select_priors(a.priors):
+        prior = p.image.astype(np.float32)
+        anatomy = segment(prior, size=prior.shape[-1])
+        for side in ("right", "left"):
+            d, fr = pneumothorax_distance(anatomy, side)
+            if fr is None:
+                continue
+            space = ndimage.binary_erosion((d < pneumothorax_width(fr, "moderate")) & np.isfinite(d), iterations=2)
+            for s in range(a.seeds):
+                r = generate_followups(pipe, prior, f"New {side} pneumothorax.", seed=s, num_images=1)
+                for what, img in (("drawing", r.plan.renderings[0]), ("output", r.images[0])):
+                    rows.setdefault(f"pneumothorax: ribs, {what}", []).append(
+                        corr(rib_scale(img), rib_scale(prior), space))
+                    rows.setdefault(f"pneumothorax: thin lines, {what}", []).append(
+                        corr(thin_lines(img), thin_lines(prior), space))
+        region = above_the_raised_dome(anatomy)
+        if region is None:
+            continue
+        for s in range(a.seeds):
+            r = generate_followups(pipe, prior, "New right lower lobe atelectasis.", seed=s, num_images=1)
+            for what, img in (("drawing", r.plan.renderings[0]), ("output", r.images[0])):
+                rows.setdefault(f"lower lobe collapse: ribs, {what}", []).append(
+                    corr(rib_scale(img), rib_scale(prior), region))
+    print("| correlation with the prior | mean ± s.e. | samples |\n|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {np.mean(v):.3f} ± {np.std(v) / np.sqrt(len(v)):.3f} | {len(v)} |")
+
+
+def above_the_raised_dome(anatomy) -> np.ndarray | None:
+    """(H, W) bool: the right lung's lateral half from the hilum down to 12 px above the raised dome (or None)."""
+    fr = lung_frame(anatomy, "right")
+    if fr is None:
+        return None
+    h, w = fr.core.shape
+    y = np.arange(h)[:, None]
+    dome = (h - 1 - np.argmax(fr.core[::-1], axis=0))[None, :]              # (1, W) each column's lowest lung row
+    lift = float(diaphragm_lift(anatomy, "right", "moderate").max())
+    lateral = (np.abs(np.arange(w) - fr.lateral) < 0.5 * abs(fr.lateral - fr.medial))[None, :]
+    region = fr.core & lateral & (y > fr.top + 0.5 * fr.height) & (y < dome - lift - 12)
+    return region if region.sum() > 50 else None
+
+
+if __name__ == "__main__":
+    main()
