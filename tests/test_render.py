@@ -26,6 +26,13 @@ def phantom(heart_level: float = 0.85, seed: int = 0) -> np.ndarray:
 PRIOR = phantom()
 
 
+def rib_phantom() -> np.ndarray:
+    """(256, 256) dark lungs crossed by bright horizontal 8-px ribs every 22 px, nothing else: what must stay put."""
+    y = np.mgrid[0:256, 0:256][0]
+    lungs = A.lung("bilateral")
+    return (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)
+
+
 def render(*findings, seed=0, prior=PRIOR):
     return render_findings(prior, list(findings), A, torch.Generator().manual_seed(seed))
 
@@ -115,9 +122,7 @@ def test_lower_lobe_collapse_raises_the_hemidiaphragm_and_densifies_a_medial_wed
 
 def test_lower_lobe_collapse_moves_the_hemidiaphragm_not_the_ribs():
     """The ribs are the chest wall: they stay where they are when the lobe collapses and the dome rises."""
-    y = np.mgrid[0:256, 0:256][0]
-    lungs = A.lung("bilateral")
-    prior = (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)  # 8-px ribs
+    y, prior = np.mgrid[0:256, 0:256][0], rib_phantom()
     r = render(Finding(name="atelectasis", side="right", zone="lower", severity="severe"), prior=prior)
     f = lung_frame(A, "right")
     lateral = np.abs(np.arange(256) - f.lateral) < 0.4 * abs(f.lateral - f.medial)   # outside the medial wedge
@@ -190,9 +195,7 @@ def test_pneumothorax_space_is_darker_and_smoother():
 
 def test_pneumothorax_keeps_the_ribs_sharp_across_the_space():
     """Ribs are bone and stay visible across a pneumothorax, edges and all; only the lung markings go."""
-    y = np.mgrid[0:256, 0:256][0]
-    lungs = A.lung("bilateral")
-    prior = (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)  # 8-px ribs
+    prior = rib_phantom()
     r = render(Finding(name="pneumothorax", side="right", severity="moderate"), prior=prior)
     d, fr = pneumothorax_distance(A, "right")
     space = (d < pneumothorax_width(fr, "moderate") - 2) & (d > 3) & INNER_RIGHT
