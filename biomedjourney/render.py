@@ -291,31 +291,47 @@ def draw_lobar_collapse(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray
                  f"bounded by the displaced fissure, vessels inside it lost{lifted}")
 
 
-def _lift_keeping_ribs(img: np.ndarray, dy: np.ndarray, fr, c: Ctx) -> np.ndarray:
-    """The hemidiaphragm and the lung above it moved up by dy (H, W) px; the ribs stay where they were: they are the
-    chest wall, not the lobe. Where the pixel and its source both lie in aerated lung (above the old base, 6 px
-    clear of the raised one) the warped picture's structure finer than 8 px (the ribs, and the vessels with them)
-    is replaced by the prior's own; the diaphragm's edge and the liver below it move."""
-    moved = warp(img, dy=dy)
+def _keep_fine_structure(img: np.ndarray, moved: np.ndarray, keep: np.ndarray, c: Ctx) -> np.ndarray:
+    """A geometric edit moves the organ, not the chest wall: where keep (H, W) in [0, 1] is 1 the moved picture's
+    structure finer than 8 px (the ribs, and the vessels with them) is replaced by the prior's own."""
     band = lambda a: a - _lowpass(a, 8 * c.px)                             # ribs (~8 px) and finer
+    return moved + keep * (band(img) - band(moved))
+
+
+def _lift_keeping_ribs(img: np.ndarray, dy: np.ndarray, fr, c: Ctx) -> np.ndarray:
+    """The hemidiaphragm and the lung above it moved up by dy (H, W) px; the ribs stay where they were. Kept where the
+    pixel and its source both lie in aerated lung (above the old base, 6 px clear of the raised one); the diaphragm's
+    edge and the liver below it move."""
     lung = warp(fr.core.astype(np.float32), dy=dy) > 0.5                   # the lung's extent after the lift
     h = img.shape[0]
     y = np.arange(h, dtype=np.float32)[:, None]
     base = np.where(lung.any(0), h - 1 - np.argmax(lung[::-1], axis=0), -1)[None, :]   # (1, W) the raised dome's row
     keep = (smoothstep((base - y - 6 * c.px) / (6 * c.px)) * ndimage.gaussian_filter(lung.astype(np.float32), 2 * c.px)
             * np.clip(dy / 0.5, 0, 1))                                      # (H, W) aerated lung that moved
-    return moved + keep * (band(img) - band(moved))
+    return _keep_fine_structure(img, warp(img, dy=dy), keep, c)
 
 
 # Cardiomegaly: the cardiac silhouette widened (cardiothoracic ratio up 10-20% by severity), mostly to
-# the patient's left, displacing the adjacent lung (Felson ch. "The heart"): a horizontal warp.
+# the patient's left, displacing the adjacent lung (Felson ch. "The heart"): a horizontal warp of the heart and
+# the lung beside it. The chest wall stays: the ribs are kept (away from the old and the new heart border, where
+# the silhouette's own edge moves), and the hemidiaphragm under the lungs and heart does not slide sideways.
 def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
     smaller = f.receding
     dx = cardiac_displacement(c.anatomy, severity_of(f), -1.0 if smaller else 1.0)  # (H, W) px
-    out = warp(img, dx=-dx)
+    heart = np.asarray(c.anatomy.heart) > 0.5
+    h = img.shape[0]
+    y = np.arange(h, dtype=np.float32)[:, None]
+    above = heart | (np.asarray(c.anatomy.lung("bilateral")) > 0.5)
+    floor = np.where(above.any(0), h - 1 - np.argmax(above[::-1], axis=0), h)[None, :]   # (1, W) lowest lung/heart row
+    dx = dx * (1 - smoothstep((y - floor + 8 * c.px) / (10 * c.px)))      # (H, W) the dome does not slide
+    grown = warp(heart.astype(np.float32), dx=-dx) > 0.5                    # the silhouette after the warp
+    edges = (heart ^ ndimage.binary_erosion(heart)) | (grown ^ ndimage.binary_erosion(grown))
+    from_border = ndimage.distance_transform_edt(~edges & ~(heart ^ grown)).astype(np.float32)
+    keep = smoothstep((from_border - 3 * c.px) / (5 * c.px)) * np.clip(np.abs(dx) / 0.5, 0, 1)   # (H, W)
+    out = _keep_fine_structure(img, warp(img, dx=-dx), keep, c)
     what = "narrowed" if smaller else "widened"
     return out, (f"the heart silhouette {what} horizontally about its centre (geometric warp, up to "
-                 f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left)")
+                 f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left; ribs and diaphragm kept)")
 
 
 # Pneumothorax: a thin white visceral pleural line parallel to the chest wall, no lung markings beyond it,

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import (EFFUSION_BELOW, diaphragm_lift, effusion_depth, finding_mask, lung_frame,
+from biomedjourney.masks import (EFFUSION_BELOW, cardiac_displacement, diaphragm_lift, effusion_depth, finding_mask, lung_frame,
                                  pneumothorax_distance, pneumothorax_width)
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
@@ -26,11 +26,13 @@ def phantom(heart_level: float = 0.85, seed: int = 0) -> np.ndarray:
 PRIOR = phantom()
 
 
-def rib_phantom() -> np.ndarray:
-    """(256, 256) dark lungs crossed by bright horizontal 8-px ribs every 22 px, nothing else: what must stay put."""
-    y = np.mgrid[0:256, 0:256][0]
+def rib_phantom(slope: float = 0.0) -> np.ndarray:
+    """(256, 256) dark lungs crossed by bright 8-px ribs every 22 px (rising `slope` px per column away from the
+    midline, as posterior ribs do), nothing else: what must stay put."""
+    y, x = np.mgrid[0:256, 0:256]
     lungs = A.lung("bilateral")
-    return (0.7 - 0.4 * lungs + 0.12 * (np.sin(2 * np.pi * y / 22) > 0.3) * lungs).astype(np.float32)
+    ribs = np.sin(2 * np.pi * (y + slope * np.abs(x - 128)) / 22) > 0.3
+    return (0.7 - 0.4 * lungs + 0.12 * ribs * lungs).astype(np.float32)
 
 
 def render(*findings, seed=0, prior=PRIOR):
@@ -176,6 +178,24 @@ def test_cardiomegaly_widens_the_heart():
     assert widths[1] > before * 1.12
     smaller = _heart_width(render(Finding(name="cardiomegaly", change="decreased")).image)
     assert smaller < before
+
+
+def test_cardiomegaly_moves_the_heart_not_the_ribs_or_the_diaphragm():
+    """The widened heart pushes the lung aside; the chest wall (sloping ribs) and the domes under it stay put."""
+    heart = A.heart > 0.5
+    prior = np.where(heart, np.float32(0.85), rib_phantom(slope=0.4))
+    out = render(Finding(name="cardiomegaly", severity="severe"), prior=prior).image
+    dx = cardiac_displacement(A, "severe")
+    grown = ndimage.binary_dilation(heart, iterations=int(np.abs(dx).max()) + 1)   # the widest the heart gets
+    beside = ((np.abs(dx) > 1) & ~ndimage.binary_dilation(grown, iterations=8)
+              & ndimage.binary_erosion(A.lung("bilateral") > 0.5, iterations=3))     # lung that the warp moved
+    fine = lambda a: (a - ndimage.gaussian_filter(a, 8))[beside]
+    assert beside.sum() > 500 and np.corrcoef(fine(out), fine(prior))[0, 1] > 0.97      # warp alone: 0.70
+    thorax = heart | (A.lung("bilateral") > 0.5)
+    floor = np.where(thorax.any(0), 255 - np.argmax(thorax[::-1], axis=0), 256)[None, :]   # (1, W) lowest row
+    dome = (np.abs(np.arange(256)[:, None] - floor) <= 3) & (np.abs(dx).max(0) > 1)[None, :] & ~grown
+    assert dome.sum() > 50 and np.abs(out - prior)[dome].mean() < 0.03                 # warp alone: 0.061
+    assert _heart_width(out) > _heart_width(prior) * 1.12
 
 
 INNER_RIGHT = ndimage.binary_erosion(A.right_lung > 0.99, iterations=3)     # off the lung's own border
