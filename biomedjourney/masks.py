@@ -128,6 +128,12 @@ def scale_px(shape: tuple[int, int]) -> float:
 
 
 # ------------------------------------------------------------------------- zones
+def lowest_row(mask: np.ndarray, empty: int = -1) -> np.ndarray:
+    """(W,) int: each column's lowest True row of mask (H, W) (`empty` where the column has none)."""
+    h = mask.shape[0]
+    return np.where(mask.any(0), h - 1 - np.argmax(mask[::-1], axis=0), empty)
+
+
 def zone_mask(anatomy: Anatomy, side: str, zone: str) -> np.ndarray:
     """(H, W) float32 zone of the patient's `side` (both lungs for bilateral / none), `Anatomy.zone`:
     upper/middle/lower = thirds of that lung's height, base = lowest 25%, apex = top 20%,

@@ -22,7 +22,7 @@ from scipy import ndimage
 from .anatomy import Anatomy
 from .findings.schema import Finding
 from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement, collapse_wedge,
-                    diaphragm_lift, edema_weight, edit_mask, is_lobar,
+                    diaphragm_lift, edema_weight, edit_mask, is_lobar, lowest_row,
                     effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width,
                     scale_px, severity_of, sides_of, ATELECTASIS_THICKNESS, EFFUSION_BELOW)
 
@@ -305,7 +305,7 @@ def _lift_keeping_ribs(img: np.ndarray, dy: np.ndarray, fr, c: Ctx) -> np.ndarra
     lung = warp(fr.core.astype(np.float32), dy=dy) > 0.5                   # the lung's extent after the lift
     h = img.shape[0]
     y = np.arange(h, dtype=np.float32)[:, None]
-    base = np.where(lung.any(0), h - 1 - np.argmax(lung[::-1], axis=0), -1)[None, :]   # (1, W) the raised dome's row
+    base = lowest_row(lung)[None, :]                                        # (1, W) the raised dome's row
     keep = (smoothstep((base - y - 6 * c.px) / (6 * c.px)) * ndimage.gaussian_filter(lung.astype(np.float32), 2 * c.px)
             * np.clip(dy / 0.5, 0, 1))                                      # (H, W) aerated lung that moved
     return _keep_fine_structure(img, warp(img, dy=dy), keep, c)
@@ -322,7 +322,7 @@ def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, 
     h = img.shape[0]
     y = np.arange(h, dtype=np.float32)[:, None]
     above = heart | (np.asarray(c.anatomy.lung("bilateral")) > 0.5)
-    floor = np.where(above.any(0), h - 1 - np.argmax(above[::-1], axis=0), h)[None, :]   # (1, W) lowest lung/heart row
+    floor = lowest_row(above, empty=h)[None, :]                             # (1, W) lowest lung/heart row
     dx = dx * (1 - smoothstep((y - floor + 8 * c.px) / (10 * c.px)))      # (H, W) the dome does not slide
     grown = warp(heart.astype(np.float32), dx=-dx) > 0.5                    # the silhouette after the warp
     edges = (heart ^ ndimage.binary_erosion(heart)) | (grown ^ ndimage.binary_erosion(grown))

@@ -22,8 +22,8 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import segment
 from biomedjourney.evaluate.follow import select_priors
-from biomedjourney.masks import (cardiac_displacement, diaphragm_lift, lung_frame, pneumothorax_distance,
-                                 pneumothorax_width)
+from biomedjourney.masks import (cardiac_displacement, diaphragm_lift, lowest_row, lung_frame,
+                                 pneumothorax_distance, pneumothorax_width)
 from biomedjourney.service import generate_followups, load_pipeline
 
 
@@ -86,7 +86,7 @@ def above_the_raised_dome(anatomy) -> np.ndarray | None:
         return None
     h, w = fr.core.shape
     y = np.arange(h)[:, None]
-    dome = (h - 1 - np.argmax(fr.core[::-1], axis=0))[None, :]              # (1, W) each column's lowest lung row
+    dome = lowest_row(fr.core)[None, :]                                    # (1, W) each column's lowest lung row
     lift = float(diaphragm_lift(anatomy, "right", "moderate").max())
     lateral = (np.abs(np.arange(w) - fr.lateral) < 0.5 * abs(fr.lateral - fr.medial))[None, :]
     region = fr.core & lateral & (y > fr.top + 0.5 * fr.height) & (y < dome - lift - 12)

@@ -6,8 +6,8 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import (EFFUSION_BELOW, cardiac_displacement, diaphragm_lift, effusion_depth, finding_mask, lung_frame,
-                                 pneumothorax_distance, pneumothorax_width)
+from biomedjourney.masks import (EFFUSION_BELOW, cardiac_displacement, diaphragm_lift, effusion_depth, finding_mask,
+                                 lowest_row, lung_frame, pneumothorax_distance, pneumothorax_width)
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
 A = atlas_anatomy((256, 256))
@@ -129,7 +129,7 @@ def test_lower_lobe_collapse_moves_the_hemidiaphragm_not_the_ribs():
     f = lung_frame(A, "right")
     lateral = np.abs(np.arange(256) - f.lateral) < 0.4 * abs(f.lateral - f.medial)   # outside the medial wedge
     in_lung = A.right_lung > 0.5
-    dome = 255 - np.argmax(in_lung[::-1], axis=0)                                 # (W,) each column's lowest lung row
+    dome = lowest_row(in_lung, empty=255)                                         # (W,) each column's lowest lung row
     lift = int(np.ceil(diaphragm_lift(A, "right", "severe").max()))
     reg = in_lung & lateral[None, :] & (y > f.top + 0.5 * f.height) & (y < dome[None, :] - lift - 12)  # stays lung
     fine = lambda img: img - ndimage.gaussian_filter(img, 6)
@@ -192,7 +192,7 @@ def test_cardiomegaly_moves_the_heart_not_the_ribs_or_the_diaphragm():
     fine = lambda a: (a - ndimage.gaussian_filter(a, 8))[beside]
     assert beside.sum() > 500 and np.corrcoef(fine(out), fine(prior))[0, 1] > 0.97      # warp alone: 0.70
     thorax = heart | (A.lung("bilateral") > 0.5)
-    floor = np.where(thorax.any(0), 255 - np.argmax(thorax[::-1], axis=0), 256)[None, :]   # (1, W) lowest row
+    floor = lowest_row(thorax, empty=256)[None, :]                                   # (1, W) lowest row
     dome = (np.abs(np.arange(256)[:, None] - floor) <= 3) & (np.abs(dx).max(0) > 1)[None, :] & ~grown
     assert dome.sum() > 50 and np.abs(out - prior)[dome].mean() < 0.03                 # warp alone: 0.061
     assert _heart_width(out) > _heart_width(prior) * 1.12
