@@ -315,11 +315,11 @@ def diaphragm_lift(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
     lift = DIAPHRAGM_LIFT[severity] * f.height
     y = np.arange(h, dtype=np.float32)
     hy, low = f.top + 0.5 * f.height, f.bottom + 0.3 * f.height
-    v = np.where(y <= f.bottom, _smoothstep((y - hy) / (f.bottom - hy)),          # (H,) up to the base, then down
-                 1 - _smoothstep((y - f.bottom) / (low - f.bottom)))
+    v = np.where(y <= f.bottom, smoothstep((y - hy) / (f.bottom - hy)),          # (H,) up to the base, then down
+                 1 - smoothstep((y - f.bottom) / (low - f.bottom)))
     lo, hi = sorted((f.medial, f.lateral))
     x, ramp = np.arange(w, dtype=np.float32), 10 * scale_px((h, w))
-    cols = _smoothstep((x - lo) / ramp) * _smoothstep((hi - x) / ramp)        # (W,) the lung's columns, soft ends
+    cols = smoothstep((x - lo) / ramp) * smoothstep((hi - x) / ramp)        # (W,) the lung's columns, soft ends
     return (lift * v[:, None] * cols[None, :]).astype(np.float32)
 
 
@@ -341,7 +341,8 @@ def _atelectasis(f: Finding, a: Anatomy) -> np.ndarray:
 CTR_INCREASE = {"mild": 0.10, "moderate": 0.15, "severe": 0.20}
 
 
-def _smoothstep(t: np.ndarray) -> np.ndarray:
+def smoothstep(t: np.ndarray) -> np.ndarray:
+    """Hermite 3t^2 - 2t^3 of t clipped to [0, 1]: a soft 0 -> 1 ramp (masks, drawings)."""
     t = np.clip(t, 0, 1)
     return t * t * (3 - 2 * t)
 
@@ -365,11 +366,11 @@ def cardiac_displacement(anatomy: Anatomy, severity: str, sign: float = 1.0) -> 
         share = 0.65 if high == left_on_high else 0.35
         ramp_out = 0.6 * r
         s = u if high else -u
-        phi = _smoothstep((s - 0.35 * r) / (0.65 * r)) * (1 - _smoothstep((s - r) / ramp_out))
+        phi = smoothstep((s - 0.35 * r) / (0.65 * r)) * (1 - smoothstep((s - r) / ramp_out))
         dx += np.where(s > 0, phi * share * total * (1 if high else -1), 0)
     y = np.arange(h, dtype=np.float32)
     hh = max(bottom - top, 1)
-    v = _smoothstep((y - (top - 0.35 * hh)) / (0.35 * hh)) * (1 - _smoothstep((y - bottom) / (0.3 * hh)))
+    v = smoothstep((y - (top - 0.35 * hh)) / (0.35 * hh)) * (1 - smoothstep((y - bottom) / (0.3 * hh)))
     return (v[:, None] * dx[None, :]).astype(np.float32)
 
 

@@ -24,7 +24,7 @@ from .findings.schema import Finding
 from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement, collapse_wedge,
                     diaphragm_lift, edema_weight, edit_mask, is_lobar, lowest_row,
                     effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width,
-                    scale_px, severity_of, sides_of, ATELECTASIS_THICKNESS, EFFUSION_BELOW)
+                    scale_px, severity_of, sides_of, smoothstep, ATELECTASIS_THICKNESS, EFFUSION_BELOW)
 
 RENDERED_FINDINGS = frozenset({"pleural effusion", "pulmonary edema", "consolidation", "opacity", "pneumonia",
                                "atelectasis", "cardiomegaly", "pneumothorax", "nodule", "mass"})
@@ -61,11 +61,6 @@ def noise_field(shape: tuple[int, int], gen: torch.Generator, sigma: float) -> n
     n = torch.randn(shape, generator=gen, dtype=torch.float32).numpy()
     f = ndimage.gaussian_filter(n, sigma)
     return ((f - f.mean()) / (f.std() + 1e-8)).astype(np.float32)
-
-
-def smoothstep(t: np.ndarray) -> np.ndarray:
-    t = np.clip(t, 0, 1)
-    return t * t * (3 - 2 * t)
 
 
 def densify(img: np.ndarray, alpha: np.ndarray, level: float | np.ndarray, keep_detail: float,
