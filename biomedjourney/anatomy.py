@@ -28,14 +28,36 @@ def image_half(side: str, width: int) -> slice:
     return slice(0, width // 2) if on_image_left else slice(width // 2, width)
 
 
+@dataclass(frozen=True)
+class CardiacSize:
+    """The heart's horizontal extent read from the film (`measure_cardiac`), image columns and px of the frame."""
+    low: float                          # the border at low image columns (on a frontal film the patient's right)
+    high: float                         # the border at high image columns
+    thorax: float                       # the lungs' outer extent: the internal thoracic diameter's stand-in
+
+    @property
+    def width(self) -> float:
+        """The transverse cardiac diameter (px)."""
+        return self.high - self.low
+
+    @property
+    def ctr(self) -> float:
+        """The cardiothoracic ratio (Danzer 1919): > 0.5 on a PA film is cardiomegaly."""
+        return self.width / self.thorax
+
+    def scaled(self, factor: float) -> "CardiacSize":
+        return CardiacSize(self.low * factor, self.high * factor, self.thorax * factor)
+
+
 @dataclass
 class Anatomy:
     """Soft masks (H, W) float32 in [0, 1] in the prior's model-input frame."""
     right_lung: np.ndarray              # the patient's right lung (image left)
     left_lung: np.ndarray               # the patient's left lung (image right)
-    heart: np.ndarray                   # cardiac silhouette
+    heart: np.ndarray                   # cardiac silhouette (estimated from the lungs)
     source: str = "atlas"               # 'network' | 'atlas'
     warnings: list[str] = field(default_factory=list)
+    cardiac: CardiacSize | None = None  # the heart's borders read from the film (None: not measured)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,6 +83,12 @@ class Anatomy:
         if name in ("heart", "cardiac", "cardiac silhouette"):
             return np.asarray(self.heart, np.float32)
         return self.zone(side, name)
+
+
+def lowest_row(mask: np.ndarray, empty: int = -1) -> np.ndarray:
+    """(W,) int: each column's lowest True row of mask (H, W) (`empty` where the column has none)."""
+    h = mask.shape[0]
+    return np.where(mask.any(0), h - 1 - np.argmax(mask[::-1], axis=0), empty)
 
 
 # Lung fields and heart of a centred frontal CXR: three ellipses (cx, cy, rx, ry) as fractions of width/height,
@@ -204,6 +232,76 @@ def estimate_heart(right_lung: np.ndarray, left_lung: np.ndarray) -> np.ndarray:
     soft = np.clip((1.0 - d) * min(rx, ry) / 2.0 + 0.5, 0, 1)  # ~2 px soft edge
     soft[bottom + 1:] = 0
     return soft.astype(np.float32)
+
+
+CARDIAC_SEARCH_PX = 16      # a heart border is looked for this far either side of the estimated heart's edge
+CARDIAC_DOME_PX = 10        # rows this close to the lungs' floor are left out (the domes)
+CARDIAC_MIN_ROWS = 8        # fewer measured rows: not measured
+CARDIAC_CTR_RANGE = (0.3, 0.8)   # a CTR outside it: another edge was found, not measured
+CARDIAC_MIN_STEP = 0.005    # mean x-gradient along a border below it: no border there (a flat film)
+
+
+def _border_path(score: np.ndarray, max_step: int = 1) -> np.ndarray:
+    """(R, K) per-row candidate scores -> (R,) indices of the path maximising the summed score with at most
+    `max_step` candidates between neighbouring rows (dynamic programming: a border is continuous)."""
+    r, k = score.shape
+    total, back = score[0].copy(), np.zeros((r, k), int)
+    for i in range(1, r):
+        prev = np.stack([np.roll(total, d) if d else total for d in range(-max_step, max_step + 1)])  # (2s+1, K)
+        for j, d in enumerate(range(-max_step, max_step + 1)):  # a roll wraps around: forbid it
+            if d > 0:
+                prev[j, :d] = -np.inf
+            elif d < 0:
+                prev[j, d:] = -np.inf
+        best = prev.argmax(0)
+        back[i] = np.arange(k) - (best - max_step)
+        total = prev.max(0) + score[i]
+    path = np.zeros(r, int)
+    path[-1] = int(total.argmax())
+    for i in range(r - 1, 0, -1):
+        path[i - 1] = back[i, path[i]]
+    return path
+
+
+def measure_cardiac(image: np.ndarray, heart: np.ndarray, lungs: np.ndarray,
+                    search_px: float = CARDIAC_SEARCH_PX) -> CardiacSize | None:
+    """The heart's borders read from the film's brightness, near the estimated heart (`estimate_heart`).
+
+    image (H, W) [0, 1]; heart, lungs (H, W) bool. Over the rows from 40 % of the estimated heart's height down
+    to CARDIAC_DOME_PX above the lungs' floor, each border is the continuous path (`_border_path`) of the
+    strongest brightness step within `search_px` (at 256 px) of the estimated edge: rising into the heart
+    at low columns, falling out of it at high columns (x-gradient of a 3-px Gaussian low-pass: rib and vessel
+    edges are finer and do not run down the rows). The CTR's transverse diameter adds the largest distances of
+    the two borders from the midline, at whatever rows they occur (Danzer 1919): here the 10th percentile of the
+    low-column border and the 90th of the high-column one. None when too few rows are measured, a border has no
+    step (CARDIAC_MIN_STEP) or the ratio is implausible (the search found another edge)."""
+    from scipy import ndimage
+    heart, lungs = np.asarray(heart, bool), np.asarray(lungs, bool)
+    rows = np.nonzero(heart.any(1))[0]
+    cols = np.nonzero(lungs.any(0))[0]
+    if not len(rows) or not len(cols):
+        return None
+    w, px = image.shape[1], image.shape[1] / 256
+    gx = ndimage.sobel(ndimage.gaussian_filter(np.asarray(image, np.float32), 3 * px), axis=1)  # (H, W) d/dx
+    floor = int(lowest_row(lungs).max())
+    lo = int(rows[0] + 0.4 * (rows[-1] - rows[0]))
+    hi = min(int(rows[-1]), floor - round(CARDIAC_DOME_PX * px))
+    search = round(search_px * px)
+    ys = [y for y in range(lo, hi + 1) if heart[y].sum() >= 10 * px]
+    if len(ys) < CARDIAC_MIN_ROWS:
+        return None
+    offs = np.arange(-search, search + 1)
+    borders = []
+    for edge, sign in ((lambda c: c[0], 1.0), (lambda c: c[-1], -1.0)):   # rising into / falling out of the heart
+        cand = np.array([np.clip(edge(np.nonzero(heart[y])[0]) + offs, 0, w - 1) for y in ys])   # (R, K) columns
+        score = sign * gx[np.array(ys)[:, None], cand]                                          # (R, K)
+        path = _border_path(score)
+        if score[np.arange(len(ys)), path].mean() < CARDIAC_MIN_STEP:
+            return None
+        borders.append(cand[np.arange(len(ys)), path])
+    size = CardiacSize(float(np.percentile(borders[0], 10)), float(np.percentile(borders[1], 90)),
+                       float(cols[-1] - cols[0] + 1))
+    return size if CARDIAC_CTR_RANGE[0] <= size.ctr <= CARDIAC_CTR_RANGE[1] else None
 
 
 # ==========================================================================================
@@ -361,7 +459,8 @@ def _contrast_problem(right: np.ndarray, left: np.ndarray, image: np.ndarray) ->
 
 
 def segment(image, segmenter: Segmenter | None = None, size: int = 256) -> Anatomy:
-    """Lungs (network) and heart (estimated from the lungs) of a prior in its (size x size) model-input frame.
+    """Lungs (network), heart (estimated from the lungs) and its borders (read from the film, `measure_cardiac`)
+    of a prior in its (size x size) model-input frame.
 
     `image`: anything `imaging.read_image` accepts (path, bytes, PIL, array, LoadedImage); it goes through
     `imaging.to_model_input` like every model input. `segmenter`: default the shipped one
@@ -388,10 +487,12 @@ def segment(image, segmenter: Segmenter | None = None, size: int = 256) -> Anato
         return atlas_anatomy((size, size), f"The lungs could not be found reliably ({'; '.join(problems)}); "
                                            f"{FALLBACK_NOTE}")
     heart = estimate_heart(right, left)
+    cardiac = measure_cardiac(x, heart > 0.5, right | left)
     right_s, left_s = _soft(right), _soft(left)
     if size != 256:
         right_s, left_s, heart = (_resize_mask(m, size) for m in (right_s, left_s, heart))
-    return Anatomy(right_lung=right_s, left_lung=left_s, heart=heart, source="network", warnings=[])
+        cardiac = cardiac.scaled(size / 256) if cardiac is not None else None
+    return Anatomy(right_lung=right_s, left_lung=left_s, heart=heart, source="network", warnings=[], cardiac=cardiac)
 
 
 def _resize_mask(m: np.ndarray, size: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import ATLAS_ELLIPSES, Anatomy, image_half
+from .anatomy import ATLAS_ELLIPSES, Anatomy, image_half, lowest_row
 from .findings.schema import Finding
 
 # ------------------------------------------------------------------------- evaluation mask
@@ -128,12 +128,6 @@ def scale_px(shape: tuple[int, int]) -> float:
 
 
 # ------------------------------------------------------------------------- zones
-def lowest_row(mask: np.ndarray, empty: int = -1) -> np.ndarray:
-    """(W,) int: each column's lowest True row of mask (H, W) (`empty` where the column has none)."""
-    h = mask.shape[0]
-    return np.where(mask.any(0), h - 1 - np.argmax(mask[::-1], axis=0), empty)
-
-
 def zone_mask(anatomy: Anatomy, side: str, zone: str) -> np.ndarray:
     """(H, W) float32 zone of the patient's `side` (both lungs for bilateral / none), `Anatomy.zone`:
     upper/middle/lower = thirds of that lung's height, base = lowest 25%, apex = top 20%,
@@ -338,7 +332,27 @@ def _atelectasis(f: Finding, a: Anatomy) -> np.ndarray:
 
 # Cardiomegaly: cardiothoracic ratio > 0.5 on a PA film; the silhouette widens, mostly to the left
 # (left ventricle), displacing the adjacent lung (Felson ch. "The heart"; Danzer 1919 CTR).
+# With the heart's borders read from the film (`Anatomy.cardiac`), the cardiothoracic ratio changes by CTR_STEP of
+# the thorax's width (a decreasing heart not below CTR_FLOOR). The steps are this project's choice, not a
+# published grading; larger ones tear the lung beside the border and the domes under the warp.
+CTR_STEP = {"mild": 0.05, "moderate": 0.08, "severe": 0.12}
+CTR_FLOOR = 0.45
+# Without measured borders: the estimated heart (`anatomy.estimate_heart`) widened by this share of its width.
 CTR_INCREASE = {"mild": 0.10, "moderate": 0.15, "severe": 0.20}
+COMPRESSION = 0.4   # the lung beside the new border is squeezed by at most this share (the fade-out's slope)
+
+
+def cardiac_widening(anatomy: Anatomy, severity: str, sign: float = 1.0) -> tuple[float, float, float, float]:
+    """(centre column, low-side half-width, high-side half-width, total widening px; < 0 narrows) of the heart
+    for `severity` (sign -1: decreasing): from the measured borders when known, else from the estimated heart."""
+    cs = anatomy.cardiac
+    if cs is not None:
+        change = CTR_STEP[severity] if sign > 0 else -min(CTR_STEP[severity], max(cs.ctr - CTR_FLOOR, 0.0))
+        cx = (cs.low + cs.high) / 2
+        return cx, cx - cs.low, cs.high - cx, change * cs.thorax
+    cols = np.nonzero(np.asarray(anatomy.heart) > 0.5)[1]
+    cx = float(cols.mean())
+    return cx, cx - cols.min(), cols.max() - cx, CTR_INCREASE[severity] * (cols.max() - cols.min()) * sign
 
 
 def smoothstep(t: np.ndarray) -> np.ndarray:
@@ -348,26 +362,28 @@ def smoothstep(t: np.ndarray) -> np.ndarray:
 
 
 def cardiac_displacement(anatomy: Anatomy, severity: str, sign: float = 1.0) -> np.ndarray:
-    """(H, W) float32: how far (px, signed, image columns) the output pixel's content came from, for
-    a heart widened by CTR_INCREASE (sign -1: narrowed, for 'decreased'). Zero far from the heart."""
+    """(H, W) float32: how far (px, signed, image columns) the output pixel's content came from, for the heart
+    widened as `cardiac_widening` says (sign -1: narrowed, for 'decreased'). Each border moves by its share of
+    the widening (the patient's left, the left ventricle, 65 %), fully from the border's widest column to where
+    it lands, fading inside towards the centre and outside over the lung beside it (squeezed by at most
+    COMPRESSION). Zero far from the heart."""
     heart = np.asarray(anatomy.heart) > 0.5
     h, w = anatomy.shape
     if not heart.any():
         return np.zeros((h, w), np.float32)
-    rows, cols = np.nonzero(heart)
-    cx, top, bottom = float(cols.mean()), rows.min(), rows.max()
-    total = CTR_INCREASE[severity] * (cols.max() - cols.min()) * sign
-    x = np.arange(w, dtype=np.float32)
-    u = x - cx
-    plx = image_half("left", w)                                           # the patient's left: the LV side gets 65%
-    left_on_high = plx.start > 0
+    rows = np.nonzero(heart.any(1))[0]
+    top, bottom = rows.min(), rows.max()
+    cx, r_low, r_high, total = cardiac_widening(anatomy, severity, sign)
+    u = np.arange(w, dtype=np.float32) - cx
+    left_on_high = image_half("left", w).start > 0                        # the patient's left: the LV side
     dx = np.zeros(w, np.float32)
-    for high, r in ((True, cols.max() - cx), (False, cx - cols.min())):
-        share = 0.65 if high == left_on_high else 0.35
-        ramp_out = 0.6 * r
+    for high, r in ((True, r_high), (False, r_low)):
+        move = (0.65 if high == left_on_high else 0.35) * total
+        ramp_out = max(0.6 * r, abs(move) / COMPRESSION)
         s = u if high else -u
-        phi = smoothstep((s - 0.35 * r) / (0.65 * r)) * (1 - smoothstep((s - r) / ramp_out))
-        dx += np.where(s > 0, phi * share * total * (1 if high else -1), 0)
+        new_border = r + max(move, 0.0)                                   # a widening border lands here
+        phi = smoothstep((s - 0.35 * r) / (0.65 * r)) * (1 - smoothstep((s - new_border) / ramp_out))
+        dx += np.where(s > 0, phi * move * (1 if high else -1), 0)
     y = np.arange(h, dtype=np.float32)
     hh = max(bottom - top, 1)
     v = smoothstep((y - (top - 0.35 * hh)) / (0.35 * hh)) * (1 - smoothstep((y - bottom) / (0.3 * hh)))
@@ -553,6 +569,7 @@ def painted_mask(layers, size: int) -> np.ndarray:
 
 __all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
+           "cardiac_widening",
            "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift",
            "is_lobar", "pneumothorax_distance", "pneumothorax_width",
            "blob_centre", "blob_radius", "severity_of", "sides_of", "EMPTY_MASK_ERROR", "FULL_MASK_WARNING",

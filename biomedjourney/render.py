@@ -323,6 +323,12 @@ def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, 
     edges = (heart ^ ndimage.binary_erosion(heart)) | (grown ^ ndimage.binary_erosion(grown))
     from_border = ndimage.distance_transform_edt(~edges & ~(heart ^ grown)).astype(np.float32)
     keep = smoothstep((from_border - 3 * c.px) / (5 * c.px)) * np.clip(np.abs(dx) / 0.5, 0, 1)   # (H, W)
+    cs = c.anatomy.cardiac
+    if cs is not None:   # the measured borders: the moved edge shows where it lands, the old one not at all
+        x = np.arange(img.shape[1], dtype=np.float32)[None, :]            # (1, W)
+        near = lambda cols: (np.abs(cols - cs.low) < 6 * c.px) | (np.abs(cols - cs.high) < 6 * c.px)
+        edge = (near(x - dx) | near(x)) & (np.abs(dx) > 0.5)              # (H, W) new edge (its source) | old one
+        keep = keep * (1 - ndimage.gaussian_filter(edge.astype(np.float32), 1.5 * c.px))
     out = _keep_fine_structure(img, warp(img, dx=-dx), keep, c)
     what = "narrowed" if smaller else "widened"
     return out, (f"the heart silhouette {what} horizontally about its centre (geometric warp, up to "

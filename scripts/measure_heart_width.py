@@ -1,52 +1,34 @@
-"""Does the harmonised output keep the heart the cardiomegaly drawing widened? Measured on the image, not the mask.
+"""Does the drawn and harmonised heart reach the cardiothoracic ratio its severity asks for? Read from the image.
 
-For No-Finding validation priors (the follow evaluation's selection), at the shipped defaults, the cardiac width
-(px) of the prior, the drawing and the output, read from each image's brightness: per row, each heart border is
-the steepest brightness step within 16 px of the estimated heart's edge (rising into the heart on the image's
-left, falling out of it on the right; gradient of a 2-px Gaussian low-pass); rows from 40 % of the estimated
-heart's height down to 10 px above the lungs' floor; the width is the 90th percentile over rows (the maximal
-transverse cardiac diameter of the cardiothoracic ratio, Danzer 1919). The thorax width is the lungs' outer
-extent, so width / thorax is a CTR estimate. The estimated heart comes from the lung masks (anatomy.estimate_heart),
-so a prior whose real border lies more than 16 px from the estimate is measured wrongly: read the per-prior rows.
+For No-Finding validation priors (the follow evaluation's selection), at the shipped defaults, the CTR of the prior,
+the drawing and the output, each read from the image's brightness by `anatomy.measure_cardiac` (the heart's
+borders as continuous paths of the strongest brightness step near the heart's edge; the largest distances of the
+two borders from the midline, Danzer 1919; the lungs' outer extent as the thorax). The prior is searched about
+the estimated heart (`anatomy.estimate_heart`); the drawing and the output about that heart moved by the
+drawing's own displacement (`masks.cardiac_displacement`), since a border moved by more than the search window
+would not be found otherwise. So a drawing that moves the mask but not the film's edge still reads as the old
+width only if the old edge is within the window: look at the pictures as well. `--search PX` instead searches all
+three images within PX of the unmoved estimated heart (32: wide enough for the largest step; the same window for
+any package, so it compares drawings fairly). Prints a table and the mean CTR change against `masks.CTR_STEP`.
 
-    python scripts/measure_heart_width.py --priors 12 --seeds 1 [--text "New severe cardiomegaly."]
+    python scripts/measure_heart_width.py --priors 12 --seeds 1 [--text "New severe cardiomegaly."] [--search 32]
 """
 import argparse
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from biomedjourney.anatomy import CARDIAC_SEARCH_PX, measure_cardiac
 from biomedjourney.evaluate.follow import select_priors
-from biomedjourney.masks import lowest_row
+from biomedjourney.findings import extract
+from biomedjourney.masks import CTR_STEP, cardiac_displacement, severity_of
+from biomedjourney.render import warp
 from biomedjourney.service import generate_followups, load_pipeline
 
-SEARCH_PX = 16     # how far from the estimated heart's edge a border is looked for
-FLOOR_PX = 10      # rows this close to the lungs' floor are left out (the domes)
 
-
-def cardiac_width(img: np.ndarray, heart: np.ndarray, lungs: np.ndarray) -> float:
-    """(H, W) image, heart and lung masks (bool) -> the maximal transverse cardiac diameter in px (NaN if none)."""
-    gx = ndimage.sobel(ndimage.gaussian_filter(img.astype(np.float32), 2), axis=1)   # (H, W) d/dx brightness
-    rows = np.nonzero(heart.any(1))[0]
-    if not len(rows) or not lungs.any():
-        return float("nan")
-    floor = int(lowest_row(lungs).max())
-    lo, hi = int(rows[0] + 0.4 * (rows[-1] - rows[0])), min(int(rows[-1]), floor - FLOOR_PX)
-    w, widths = img.shape[1], []
-    for y in range(lo, hi + 1):
-        c = np.nonzero(heart[y])[0]
-        if len(c) < 10:
-            continue
-        left = np.arange(max(c[0] - SEARCH_PX, 0), min(c[0] + SEARCH_PX, w))
-        right = np.arange(max(c[-1] - SEARCH_PX, 0), min(c[-1] + SEARCH_PX, w))
-        widths.append(right[np.argmin(gx[y, right])] - left[np.argmax(gx[y, left])])
-    return float(np.percentile(widths, 90)) if widths else float("nan")
-
-
-def thorax_width(lungs: np.ndarray) -> float:
-    cols = np.nonzero(lungs.any(0))[0]
-    return float(cols[-1] - cols[0] + 1) if len(cols) else float("nan")
+def ctr(img: np.ndarray, heart: np.ndarray, lungs: np.ndarray, search: float = CARDIAC_SEARCH_PX) -> float:
+    m = measure_cardiac(img, heart, lungs, search)
+    return m.ctr if m is not None else float("nan")
 
 
 def main() -> None:
@@ -55,25 +37,32 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--text", default="New severe cardiomegaly.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--search", type=int, default=None, help="px about the UNMOVED estimated heart, all images")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    (f,) = [f for f in extract(a.text) if f.name == "cardiomegaly"]
     pipe, rows = load_pipeline(), []
-    print("| prior | seed | prior px | drawing px | output px | CTR prior -> output |\n|---|---|---|---|---|---|")
+    print("| prior | seed | CTR prior | drawing | output |\n|---|---|---|---|---|")
     for p in select_priors(a.priors):
         for seed in range(a.seeds):
             r = generate_followups(pipe, p.image, a.text, seed=seed, num_images=1)
-            heart = np.asarray(r.plan.anatomy.heart) > 0.5
-            lungs = np.asarray(r.plan.anatomy.lung("bilateral")) > 0.5
+            an = r.plan.anatomy
+            heart, lungs = np.asarray(an.heart) > 0.5, np.asarray(an.lung("bilateral")) > 0.5
+            dx = cardiac_displacement(an, severity_of(f), -1.0 if f.receding else 1.0)
+            moved = warp(heart.astype(np.float32), dx=-dx) > 0.5                # where the drawing put the heart
             drawing = r.plan.renderings[0] if r.plan.renderings is not None else r.prior
-            w = [cardiac_width(x, heart, lungs) for x in (r.prior, drawing, r.images[0])]
-            t = thorax_width(lungs)
-            rows.append(w)
-            print(f"| {p.image_id} | {seed} | {w[0]:.0f} | {w[1]:.0f} | {w[2]:.0f} "
-                  f"| {w[0] / t:.2f} -> {w[2] / t:.2f} |", flush=True)
-    d = np.array(rows) - np.array(rows)[:, :1]
-    print(f"\nwidth change (px, mean over {len(d)} samples): drawing {d[:, 1].mean():+.1f}, "
-          f"output {d[:, 2].mean():+.1f}; "
-          f"outputs no wider than the prior: {int((d[:, 2] <= 0).sum())}/{len(d)}")
+            if a.search is not None:
+                moved = heart
+            px = a.search or CARDIAC_SEARCH_PX
+            v = [ctr(x, m, lungs, px) for x, m in ((r.prior, heart), (drawing, moved), (r.images[0], moved))]
+            rows.append(v)
+            print(f"| {p.image_id} | {seed} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} |", flush=True)
+    v = np.array(rows)
+    d = v - v[:, :1]
+    print(f"\nmean CTR {np.nanmean(v[:, 0]):.3f} -> drawing {np.nanmean(v[:, 1]):.3f}, output {np.nanmean(v[:, 2]):.3f}"
+          f" (change {np.nanmean(d[:, 1]):+.3f} / {np.nanmean(d[:, 2]):+.3f}; CTR_STEP[{severity_of(f)}] "
+          f"{CTR_STEP[severity_of(f)]:+.2f}); outputs >= 0.50: {int((v[:, 2] >= 0.5).sum())}/{len(v)} "
+          f"(priors {int((v[:, 0] >= 0.5).sum())}); not measured: {int(np.isnan(v).sum())}")
 
 
 if __name__ == "__main__":

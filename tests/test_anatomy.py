@@ -141,8 +141,37 @@ def test_segment_real_radiograph(rg1_path):
     assert 0.02 < h.mean() < 0.2 and _centroid_x(r) < _centroid_x(h) < _centroid_x(l)
     np.testing.assert_allclose(sum(an.zone("left", z) for z in ("upper", "middle", "lower")), an.left_lung,
                                atol=1e-6)
-    assert A.segment(rg1_path, size=128).shape == (128, 128)
+    small = A.segment(rg1_path, size=128)
+    assert small.shape == (128, 128)
     assert A.default_segmenter() is A.default_segmenter()  # loaded once
+    cs = an.cardiac                                       # the heart's borders read from the film
+    assert cs is not None and 0.35 < cs.ctr < 0.6 and cs.low < _centroid_x(h) < cs.high
+    assert small.cardiac is not None and small.cardiac.ctr == pytest.approx(cs.ctr)
+
+
+def _heart_film(low: int, high: int, seed: int = 0):
+    """(256, 256) film: dark lungs with rib-like stripes and vessel noise, a bright heart between image columns
+    low..high in the heart's rows; with the atlas masks (the estimated heart is NOT where this one is)."""
+    an = A.atlas_anatomy((256, 256))
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:256, 0:256]
+    lungs = an.lung("bilateral") > 0.5
+    ribs = np.sin(2 * np.pi * (y + 0.4 * np.abs(x - 128)) / 22) > 0.3
+    img = 0.7 - 0.4 * lungs + 0.08 * ribs * lungs + 0.03 * rng.standard_normal((256, 256)) * lungs
+    rows = np.nonzero((an.heart > 0.5).any(1))[0]
+    heart = (x >= low) & (x <= high) & (y >= rows[0]) & (y <= rows[-1] + 10)
+    return np.clip(np.where(heart, 0.8, img), 0, 1).astype(np.float32), an
+
+
+@pytest.mark.parametrize("low,high", [(95, 175), (100, 168), (88, 181)])
+def test_measure_cardiac_finds_the_borders_on_the_film(low, high):
+    img, an = _heart_film(low, high)
+    cs = A.measure_cardiac(img, an.heart > 0.5, an.lung("bilateral") > 0.5)
+    assert cs is not None and abs(cs.low - low) <= 2 and abs(cs.high - high) <= 2
+    cols = np.nonzero((an.lung("bilateral") > 0.5).any(0))[0]
+    assert cs.ctr == pytest.approx((high - low) / (cols[-1] - cols[0] + 1), abs=0.02)
+    flat = np.full((256, 256), 0.5, np.float32)                                  # no border: not measured
+    assert A.measure_cardiac(flat, an.heart > 0.5, an.lung("bilateral") > 0.5) is None
 
 
 @needs_segmenter

@@ -180,6 +180,40 @@ def test_cardiomegaly_widens_the_heart():
     assert smaller < before
 
 
+@pytest.mark.parametrize("low,high", [(100, 168), (92, 178), (80, 192)])
+def test_cardiomegaly_reaches_the_ctr_its_severity_names(low, high):
+    """With the borders read from the film, the drawn heart's widest extent grows by CTR_STEP of the thorax
+    (measured here by a threshold on the film, not by the measurement the drawing used)."""
+    import dataclasses
+
+    from biomedjourney.anatomy import measure_cardiac
+    from biomedjourney.masks import CTR_FLOOR, CTR_STEP
+    y, x = np.mgrid[0:256, 0:256]
+    lungs = A.lung("bilateral") > 0.5
+    rows = np.nonzero((A.heart > 0.5).any(1))[0]
+    prior = np.where((x >= low) & (x <= high) & (y >= rows[0]) & (y <= rows[-1] + 10), np.float32(0.8),
+                     (0.7 - 0.4 * lungs).astype(np.float32))
+    an = dataclasses.replace(A, cardiac=measure_cardiac(prior, A.heart > 0.5, lungs))
+    cols = np.nonzero(lungs.any(0))[0]
+    thorax = cols[-1] - cols[0] + 1
+    assert an.cardiac is not None and an.cardiac.ctr == pytest.approx((high - low) / thorax, abs=0.03)
+
+    def ctr(img):   # the bright run around the heart's centre, median over the rows of its lower half
+        band = img[rows[0] + (rows[-1] - rows[0]) // 2: rows[-1] - 20] > 0.75
+        runs = [int((ndimage.label(r)[0] == ndimage.label(r)[0][(low + high) // 2]).sum()) for r in band]
+        return float(np.median(runs)) / thorax
+
+    before = ctr(prior)
+    drawn = {s: ctr(render_findings(prior, [Finding(name="cardiomegaly", severity=s)], an).image)
+             for s in ("mild", "moderate", "severe")}
+    for s, v in drawn.items():
+        if high - low < 100:   # (a heart as wide as 0.6 of the thorax has little lung left to widen into)
+            assert v - before == pytest.approx(CTR_STEP[s], abs=0.025), (s, before, v)
+    assert before < drawn["mild"] < drawn["moderate"] < drawn["severe"]
+    smaller = ctr(render_findings(prior, [Finding(name="cardiomegaly", change="decreased")], an).image)
+    assert smaller == pytest.approx(max(before - CTR_STEP["moderate"], min(before, CTR_FLOOR)), abs=0.025)
+
+
 def test_cardiomegaly_moves_the_heart_not_the_ribs_or_the_diaphragm():
     """The widened heart pushes the lung aside; the chest wall (sloping ribs) and the domes under it stay put."""
     heart = A.heart > 0.5
