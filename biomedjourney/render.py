@@ -21,7 +21,8 @@ from scipy import ndimage
 
 from .anatomy import Anatomy
 from .findings.schema import Finding
-from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement, collapse_wedge,
+from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement,
+                    cardiac_widening, collapse_wedge,
                     diaphragm_lift, edema_weight, edit_mask, is_lobar, lowest_row,
                     effusion_depth, finding_mask, lung_frame, pneumothorax_distance, pneumothorax_width,
                     scale_px, severity_of, sides_of, smoothstep, ATELECTASIS_THICKNESS, EFFUSION_BELOW)
@@ -331,8 +332,15 @@ def draw_cardiomegaly(img: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, 
         keep = keep * (1 - ndimage.gaussian_filter(edge.astype(np.float32), 1.5 * c.px))
     out = _keep_fine_structure(img, warp(img, dx=-dx), keep, c)
     what = "narrowed" if smaller else "widened"
+    if cs is not None:
+        total = cardiac_widening(c.anatomy, severity_of(f), -1.0 if smaller else 1.0)[3]
+        size = (f"cardiothoracic ratio {cs.ctr:.2f} -> {cs.ctr + total / cs.thorax:.2f}, the borders read on the "
+                "film")
+    else:
+        size = "the heart's borders not found on the film: the estimated heart widened"
     return out, (f"the heart silhouette {what} horizontally about its centre (geometric warp, up to "
-                 f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left; ribs and diaphragm kept)")
+                 f"{np.abs(dx).max():.0f} px at the borders, mostly the patient's left; ribs and diaphragm kept; "
+                 f"{size})")
 
 
 # Pneumothorax: a thin white visceral pleural line parallel to the chest wall, no lung markings beyond it,

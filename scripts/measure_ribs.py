@@ -94,9 +94,15 @@ def above_the_raised_dome(anatomy) -> np.ndarray | None:
 
 
 def beside_the_heart(anatomy) -> np.ndarray | None:
-    """(H, W) bool: lung that the moderate widening moves by more than 1 px, 8 px clear of the widest heart."""
+    """(H, W) bool: lung that the moderate widening moves by more than 1 px, 8 px clear of the widest heart: the
+    estimated one grown by the largest move, and (borders read on the film) the content between them where it
+    lands."""
     dx = cardiac_displacement(anatomy, "moderate")
     heart = np.asarray(anatomy.heart) > 0.5
+    cs = anatomy.cardiac
+    if cs is not None:
+        src = np.arange(heart.shape[1], dtype=np.float32)[None, :] - dx    # (H, W) where each pixel's content was
+        heart = heart | ((src >= cs.low) & (src <= cs.high) & heart.any(1, keepdims=True))
     grown = ndimage.binary_dilation(heart, iterations=int(np.abs(dx).max()) + 9)
     lung = ndimage.binary_erosion(np.asarray(anatomy.lung("bilateral")) > 0.5, iterations=2)
     region = (np.abs(dx) > 1) & lung & ~grown

@@ -210,6 +210,8 @@ def test_cardiomegaly_reaches_the_ctr_its_severity_names(low, high):
         if high - low < 100:   # (a heart as wide as 0.6 of the thorax has little lung left to widen into)
             assert v - before == pytest.approx(CTR_STEP[s], abs=0.025), (s, before, v)
     assert before < drawn["mild"] < drawn["moderate"] < drawn["severe"]
+    note = render_findings(prior, [Finding(name="cardiomegaly", severity="severe")], an).notes[0]
+    assert f"cardiothoracic ratio {an.cardiac.ctr:.2f} -> {an.cardiac.ctr + CTR_STEP['severe']:.2f}" in note
     smaller = ctr(render_findings(prior, [Finding(name="cardiomegaly", change="decreased")], an).image)
     assert smaller == pytest.approx(max(before - CTR_STEP["moderate"], min(before, CTR_FLOOR)), abs=0.025)
 
