@@ -99,6 +99,15 @@ class LungFrame:
         x = np.arange(self.core.shape[1], dtype=np.float32)
         return np.clip((x - self.medial) / (self.lateral - self.medial + 1e-6), 0, 1)
 
+    def lateral_edge(self) -> np.ndarray:
+        """(H,) float32: the lung's outermost column in each row (the inner chest wall); rows without lung take the
+        nearest row's (above the apex the apex's, below the lowest row the lowest row's)."""
+        has = self.core.any(1)
+        x = np.arange(self.core.shape[1])
+        per_row = np.where(self.core, x, -1).max(1) if self.lateral_sign > 0 else np.where(self.core, x, x.size).min(1)
+        rows = np.nonzero(has)[0]
+        return np.interp(np.arange(self.core.shape[0]), rows, per_row[rows]).astype(np.float32)
+
     def depth(self) -> np.ndarray:
         """(H,) 0 at the apex, 1 at the lowest row of the lung (< 0 above it, > 1 below)."""
         y = np.arange(self.core.shape[0], dtype=np.float32)
@@ -165,7 +174,9 @@ def feather_mask(hard: np.ndarray, sigma: float) -> np.ndarray:
 # lateral angle, a moderate effusion fills the lower third, a large one half the hemithorax
 # (Felson's Principles of Chest Roentgenology, 4th ed., ch. "The pleura"; Fleischner glossary,
 # Hansell et al., Radiology 2008;246:697).
-EFFUSION_MARGIN = 8.0   # px at 256: the pleural space beyond the lung mask (chest wall, hemidiaphragm)
+EFFUSION_MARGIN = 8.0   # px at 256: the pleural space beyond the lung mask (hemidiaphragm, mediastinum)
+EFFUSION_WALL = 3.0     # px at 256: how far the fluid reaches beyond the lung's lateral edge of its row: it lies inside
+#                         the ribs, the chest wall and the abdominal wall below the costophrenic angle stay as they were
 EFFUSION_BELOW = 0.2    # of the lung's height: how far below the lung mask's lowest row the pleural space may reach
 # (medial height, lateral rise) of the fluid as fractions of the lung's height. The lung masks (V7) include the
 # lung behind the hemidiaphragm dome, already as dense as fluid there, so the heights count from the mask's lowest
@@ -177,9 +188,10 @@ MENISCUS_POWER = 2.5
 
 def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
     """(H, W) float32: px below the meniscus (<= 0 above it or outside) in the pleural space of that
-    hemithorax: the lung grown to the chest wall, and its lower part widened to the lung's columns and
+    hemithorax: the lung grown by EFFUSION_MARGIN, and its lower part widened to the lung's columns and
     extended down past the hemidiaphragm (a lung mask often stops short of the diaphragm), in that side's
-    image half. Where the film is already as dense as fluid (heart, liver) the rendering changes nothing."""
+    image half, never more than EFFUSION_WALL beyond the lung's lateral edge of the row (inside the ribs).
+    Where the film is already as dense as fluid (heart, liver) the rendering changes nothing."""
     f = lung_frame(anatomy, side)
     h, w = anatomy.shape
     if f is None:
@@ -192,7 +204,9 @@ def effusion_depth(anatomy: Anatomy, side: str, severity: str) -> np.ndarray:
     half[image_half(side, w)] = True
     cols = half & (x >= lo - 4 * scale_px((h, w))) & (x <= hi + 4 * scale_px((h, w)))   # (W,)
     lower = cols[None, :] & (rows >= f.bottom - 0.5 * f.height) & (rows <= f.bottom + EFFUSION_BELOW * f.height)
-    region = (_dilate(f.core, EFFUSION_MARGIN * scale_px((h, w))) | lower) & half[None, :]
+    beyond_wall = (x[None, :] - f.lateral_edge()[:, None]) * f.lateral_sign                   # (H, W) px
+    region = ((_dilate(f.core, EFFUSION_MARGIN * scale_px((h, w))) | lower) & half[None, :]
+              & (beyond_wall <= EFFUSION_WALL * scale_px((h, w))))
     return np.where(region, rows - edge[None, :], -1.0).astype(np.float32)
 
 

@@ -6,8 +6,8 @@ from scipy import ndimage
 
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
-from biomedjourney.masks import (EFFUSION_BELOW, cardiac_displacement, diaphragm_lift, effusion_depth, finding_mask,
-                                 lowest_row, lung_frame, pneumothorax_distance, pneumothorax_width)
+from biomedjourney.masks import (EFFUSION_BELOW, EFFUSION_WALL, cardiac_displacement, diaphragm_lift, effusion_depth,
+                                 finding_mask, lowest_row, lung_frame, pneumothorax_distance, pneumothorax_width)
 from biomedjourney.render import RENDERED_FINDINGS, measure_levels, render_findings
 
 A = atlas_anatomy((256, 256))
@@ -87,6 +87,24 @@ def test_effusion_edges_fade_no_box():
     col = (f.medial + f.lateral) // 2
     top = np.nonzero(d[:, col] > 0)[0].min()
     assert gain[top + 4, col] < 0.3 * gain[top + 30, col]                        # hazy meniscus, not a level
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_effusion_stays_inside_the_ribs(side):
+    """The fluid lies inside the chest wall: lateral to the lung's edge of each row (plus EFFUSION_WALL) and below
+    the costophrenic angle the chest and abdominal wall keep their brightness, so no vertical box edge appears there
+    on a film whose wall is darker than fluid; inside the lung the base does brighten."""
+    f = lung_frame(A, side)
+    prior = phantom()
+    prior[f.bottom + 2:] = np.maximum(prior[f.bottom + 2:], 0.9)                  # liver / spleen: brighter than wall
+    gain = render(Finding(name="pleural effusion", side=side, severity="severe"), prior=prior).image - prior
+    edge = f.lateral_edge()                                                       # (H,) lateral lung column per row
+    x = np.arange(256)[None, :]
+    wall = (x - edge[:, None]) * f.lateral_sign > EFFUSION_WALL + 1               # the chest / abdominal wall
+    wall[: f.top] = False
+    assert np.abs(gain[wall]).max() < 0.02
+    base = (lung_frame(A, side).core & (np.arange(256)[:, None] > f.bottom - 0.2 * f.height))
+    assert gain[base & (A.heart < 0.5)].mean() > 0.1
 
 
 def test_effusion_fades_out_below_the_lung():
