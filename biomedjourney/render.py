@@ -13,6 +13,7 @@ Every random choice comes from `generator` (torch.randn(generator=...)).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -93,6 +94,7 @@ class Ctx:
     levels: Levels
     gen: torch.Generator
     px: float                               # pixels per pixel-at-256
+    normal: np.ndarray | None = None        # NORMAL_GRID table of normal lungs' residuals (None: EXCESS_MARGIN)
 
 
 DENSITY = {"mild": 0.6, "moderate": 0.8, "severe": 1.0}   # of the full effect, by severity
@@ -396,7 +398,10 @@ DRAW: dict[str, Callable[[np.ndarray, Finding, Ctx], tuple[np.ndarray, str]]] = 
 
 # ------------------------------------------------------------------------- decreased / resolved
 ENVELOPE_PERCENTILE = 40   # the baseline is refitted to the darker 40% of the lungs about it (a lower envelope)
-EXCESS_MARGIN = 2.0        # density above baseline + this many median absolute residuals counts as a finding
+EXCESS_MARGIN = 2.0        # without a normal-lung table: density above baseline + this many median absolute residuals
+NORMAL_FILE = "normal_lung_residuals.json"   # in the segmenter's folder (its lung frame), train/fit_normal_lungs.py
+NORMAL_GRID = (12, 6)      # cells of a lung: depth (apex -> lowest row) x lateralness (medial -> chest wall)
+NORMAL_QUANTILE = 90       # what the table holds: this percentile of normal lungs' residuals in each cell
 
 
 def aerated_baseline(lp: np.ndarray, lungs: np.ndarray, iterations: int = 5) -> tuple[np.ndarray, float]:
@@ -418,25 +423,120 @@ def aerated_baseline(lp: np.ndarray, lungs: np.ndarray, iterations: int = 5) -> 
     return fit, float(np.median(np.abs(lp[keep] - fit[keep])))
 
 
-def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
-    """Approximate removal inside the lungs (resolved: fully, decreased: half): the broad density (low-passed at
-    8 px, so ribs and vessels stay) is lowered only where it exceeds the lungs' own aerated baseline
-    (`aerated_baseline`; by EXCESS_MARGIN). The lungs keep their gradient (brighter bases, the rim), and where they
-    are already clear nothing changes (no lucent band or dark base where nothing was). It cannot restore anatomy a
-    dense finding hid."""
-    k = 1.0 if f.change == "resolved" else 0.5
-    not_heart = 1 - ndimage.gaussian_filter(np.asarray(c.anatomy.heart, np.float32), 6 * c.px)   # the heart is
-    lungs = (np.asarray(c.anatomy.lung("bilateral")) > 0.5) & (not_heart > 0.5)                 # not an opacity
+@dataclass
+class LungDensity:
+    """The lungs' broad density (low-passed at 8 px, so ribs and vessels stay out) and their aerated baseline."""
+    lungs: np.ndarray        # (H, W) bool: lung field, the heart left out (it is not an opacity)
+    not_heart: np.ndarray    # (H, W) 1 - the heart, softened
+    lp: np.ndarray           # (H, W) low-pass of the lungs alone (the chest wall and heart stay out of it)
+    baseline: np.ndarray     # (H, W) aerated_baseline
+    mad: float               # its spread
+
+    @property
+    def residual(self) -> np.ndarray:
+        """(H, W) (lp - baseline) in units of the spread: how much denser than aerated lung, film-independent."""
+        return (self.lp - self.baseline) / max(self.mad, 1e-4)
+
+
+def lung_density(img: np.ndarray, anatomy: Anatomy) -> LungDensity | None:
+    """LungDensity of a film (H, W) [0, 1]; None when fewer than 400 lung pixels are found."""
+    px = scale_px(img.shape)
+    not_heart = 1 - ndimage.gaussian_filter(np.asarray(anatomy.heart, np.float32), 6 * px)
+    lungs = (np.asarray(anatomy.lung("bilateral")) > 0.5) & (not_heart > 0.5)
     if lungs.sum() < 400:
-        return img, "not removed: no lung field found"
-    w = lungs.astype(np.float32)                                  # low-pass of the lungs alone: the chest wall and
-    lp = _lowpass(img * w, 8 * c.px) / np.maximum(_lowpass(w, 8 * c.px), 1e-3)   # heart stay out of it
+        return None
+    w = lungs.astype(np.float32)
+    lp = _lowpass(img * w, 8 * px) / np.maximum(_lowpass(w, 8 * px), 1e-3)
     base, mad = aerated_baseline(lp, lungs)
-    excess = ndimage.gaussian_filter(np.maximum(lp - base - EXCESS_MARGIN * mad, 0) * w, 3 * c.px)
+    return LungDensity(lungs, not_heart, lp, base, mad)
+
+
+def lung_cells(anatomy: Anatomy, lungs: np.ndarray, grid: tuple[int, int] = NORMAL_GRID) -> np.ndarray:
+    """(H, W) int: each lung pixel's NORMAL_GRID cell (depth row * columns + lateralness column) in its own lung's
+    frame, the same cells for both lungs (mirror-symmetric); -1 outside `lungs`."""
+    d, n = grid
+    cells = np.full(lungs.shape, -1)
+    for side in ("right", "left"):
+        f = lung_frame(anatomy, side)
+        if f is None:
+            continue
+        depth = (np.clip(f.depth(), 0, 0.999) * d).astype(int)[:, None]
+        lat = (np.clip(f.lateralness(), 0, 0.999) * n).astype(int)[None, :]
+        cells = np.where(f.core & lungs, depth * n + lat, cells)
+    return cells
+
+
+def fit_normal_residuals(films, anatomies, quantile: float = NORMAL_QUANTILE, grid: tuple[int, int] = NORMAL_GRID,
+                         per_cell: int = 200, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(grid) table: in each cell, the `quantile` percentile of the residual (`LungDensity.residual`) over normal
+    films (H, W) and their anatomies, up to `per_cell` pixels sampled per film and cell so that every film counts
+    alike. A cell no film reaches gets the median of the others."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    values: list[list[np.ndarray]] = [[] for _ in range(grid[0] * grid[1])]
+    for img, a in zip(films, anatomies):
+        ld = lung_density(np.asarray(img, np.float32), a)
+        if ld is None:
+            continue
+        res, cells = ld.residual, lung_cells(a, ld.lungs, grid)
+        for k in range(len(values)):
+            v = res[cells == k]
+            if v.size:
+                values[k].append(rng.choice(v, min(v.size, per_cell), replace=False))
+    table = np.array([np.percentile(np.concatenate(v), quantile) if v else np.nan for v in values], np.float32)
+    if np.isnan(table).all():
+        raise ValueError("no lung field found on any of the films: nothing to fit")
+    return np.where(np.isnan(table), np.nanmedian(table), table).reshape(grid)
+
+
+_NORMAL_CACHE: dict[str, np.ndarray | None] = {}
+
+
+def normal_residuals(folder=None) -> np.ndarray | None:
+    """The shipped table (NORMAL_FILE in the segmenter's folder, `anatomy.segmenter_path()`), or None when that
+    folder has none (removal then falls back to EXCESS_MARGIN); cached per path."""
+    import json
+
+    from .anatomy import segmenter_path
+    try:
+        path = (Path(folder) if folder is not None else segmenter_path()) / NORMAL_FILE
+    except FileNotFoundError:
+        return None
+    key = str(path)
+    if key not in _NORMAL_CACHE:
+        table = None
+        if path.is_file():
+            d = json.loads(path.read_text())
+            table = np.asarray(d["table"], np.float32)
+            if table.shape != NORMAL_GRID or not np.isfinite(table).all():
+                raise ValueError(f"{path}: table of shape {table.shape} (want {NORMAL_GRID}, finite); refit it "
+                                 "with python train/fit_normal_lungs.py")
+        _NORMAL_CACHE[key] = table
+    return _NORMAL_CACHE[key]
+
+
+def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tuple[np.ndarray, str]:
+    """Approximate removal inside the lungs (resolved: fully, decreased: half): the broad density (`lung_density`) is
+    lowered only where it exceeds the lungs' own aerated baseline by more than normal lungs do at that place: the
+    NORMAL_QUANTILE percentile of normal films' residuals in its cell (`c.normal`, `fit_normal_residuals`; the hila,
+    the bases behind the domes and the rim are denser than the baseline in every lung), or by EXCESS_MARGIN
+    without a table. The lungs keep their gradient, and where they look like normal lungs nothing changes. It cannot
+    restore anatomy a dense finding hid."""
+    k = 1.0 if f.change == "resolved" else 0.5
+    ld = lung_density(img, c.anatomy)
+    if ld is None:
+        return img, "not removed: no lung field found"
+    w = ld.lungs.astype(np.float32)
+    if c.normal is not None:
+        cells = lung_cells(c.anatomy, ld.lungs, c.normal.shape)
+        margin = np.where(cells >= 0, c.normal.ravel()[np.maximum(cells, 0)], 0).astype(np.float32)
+        margin = _lowpass(margin * w, 4 * c.px) / np.maximum(_lowpass(w, 4 * c.px), 1e-3)   # no steps between cells
+        what = f"above what {NORMAL_QUANTILE} % of normal lungs show at that place"
+    else:
+        margin, what = EXCESS_MARGIN, "above the lungs' aerated baseline (a smooth fit to their clear parts)"
+    excess = ndimage.gaussian_filter(np.maximum(ld.lp - ld.baseline - margin * ld.mad, 0) * w, 3 * c.px)
     in_lung = ndimage.gaussian_filter(np.asarray(c.anatomy.lung("bilateral"), np.float32), 3 * c.px)
-    img = img - k * region * in_lung * not_heart * excess
-    return img, (f"{'removed' if k == 1 else 'reduced'} by lowering the broad density to the lungs' aerated baseline "
-                 "(a smooth fit to their clear parts); the removal is approximate")
+    img = img - k * region * in_lung * ld.not_heart * excess
+    return img, f"{'removed' if k == 1 else 'reduced'} by lowering the broad density {what}; the removal is approximate"
 
 
 # ------------------------------------------------------------------------- entry point
@@ -456,12 +556,15 @@ def _order(f: Finding) -> int:
 
 
 def render_findings(prior: np.ndarray, findings: list[Finding], anatomy: Anatomy,
-                    generator: torch.Generator | None = None) -> Rendering:
+                    generator: torch.Generator | None = None, normal: np.ndarray | None | str = "shipped") -> Rendering:
     """Draw `findings` on `prior` (H, W) [0, 1]; the change is confined to the findings' edit regions.
-    generator: every random choice (None: a fixed seed 0, so the result is reproducible)."""
+    generator: every random choice (None: a fixed seed 0, so the result is reproducible). normal: the normal-lung
+    table a removal measures excess density against ('shipped': `normal_residuals()`; None: EXCESS_MARGIN)."""
     prior = np.asarray(prior, np.float32)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    c = Ctx(anatomy, measure_levels(prior, anatomy), gen, scale_px(prior.shape))
+    if isinstance(normal, str):
+        normal = normal_residuals() if any(f.receding for f in findings) else None
+    c = Ctx(anatomy, measure_levels(prior, anatomy), gen, scale_px(prior.shape), normal)
     img, mask, notes = prior.copy(), np.zeros_like(prior), []
     for f in sorted(findings, key=_order):
         region, _ = finding_mask(f, anatomy)
@@ -475,4 +578,5 @@ def render_findings(prior: np.ndarray, findings: list[Finding], anatomy: Anatomy
     return Rendering(image=image, mask=mask.astype(np.float32), notes=notes)
 
 
-__all__ = ["Rendering", "render_findings", "RENDERED_FINDINGS", "Levels", "measure_levels", "edit_mask"]
+__all__ = ["Rendering", "render_findings", "RENDERED_FINDINGS", "Levels", "measure_levels", "edit_mask",
+           "fit_normal_residuals", "normal_residuals", "lung_density", "lung_cells"]

@@ -77,5 +77,6 @@ def test_cli_writes_removal_json(tmp_path, tiny_model_dir, monkeypatch):
     assert set(res["findings"]) == set(removal.REMOVALS) and res["seeds"] == [0]
     for r in res["findings"].values():
         assert len(r["priors"]) == 2 and 0.0 <= r["lowered"] <= 1.0 and np.isfinite(r["lung_change"])
+        assert np.isfinite(r["lung_change_normal"])                              # the No-Finding control
     assert res["settings"]["sampler"]["num_inference_steps"] == 2
     assert "# Removal: tiny" in (out / "removal.md").read_text()

@@ -324,3 +324,62 @@ def test_edema_is_bilateral():
     gain = render(Finding(name="pulmonary edema")).image - PRIOR
     left, right = np.abs(gain[:, :128]).sum(), np.abs(gain[:, 128:]).sum()
     assert 0.5 < left / right < 2 and gain.sum() > 0
+
+
+def _hilar_phantom(seed: int = 0, blob: bool = False) -> np.ndarray:
+    """PRIOR-like film whose lungs are denser at their medial third in every row (as hila and the mediastinal
+    edge make normal lungs), optionally with a dense lateral blob in the right lung (a finding)."""
+    img = phantom(seed=seed)
+    for side in ("right", "left"):
+        f = lung_frame(A, side)
+        img = img + 0.12 * ((f.lateralness() < 0.33)[None, :] * f.core)
+    if blob:
+        f = lung_frame(A, "right")
+        y, x = np.mgrid[0:256, 0:256]
+        cx = f.medial + 0.75 * (f.lateral - f.medial)
+        img = img + 0.25 * np.exp(-(((y - (f.top + 0.55 * f.height)) / 14) ** 2 + ((x - cx) / 10) ** 2)) * f.core
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def test_removal_lowers_only_density_beyond_what_normal_lungs_show():
+    """A normal-lung table fitted on films that are all denser medially keeps that density; the same removal without
+    a table (the EXCESS_MARGIN fallback) takes it away; a lateral opacity goes either way."""
+    from biomedjourney.render import fit_normal_residuals
+    table = fit_normal_residuals([_hilar_phantom(seed=s) for s in range(4)], [A] * 4)
+    assert table.shape == (12, 6) and table[:, 0].mean() > table[:, 3].mean() + 2    # the medial cells are denser
+    sick = _hilar_phantom(seed=9, blob=True)
+    f = lung_frame(A, "right")
+    medial = f.core & (f.lateralness() < 0.25)[None, :] & (A.heart < 0.05)
+    blob = f.core & (np.abs(np.arange(256)[:, None] - (f.top + 0.55 * f.height)) < 8) \
+        & (np.abs(f.lateralness() - 0.75) < 0.08)[None, :]
+    resolved = Finding(name="pneumonia", change="resolved")
+    lost = lambda img, r, where: (img - r.image)[where].mean()                    # noqa: E731
+    with_table = render_findings(sick, [resolved], A, normal=table)
+    without = render_findings(sick, [resolved], A, normal=None)
+    assert lost(sick, with_table, blob) > 0.08 and lost(sick, without, blob) > 0.08   # the finding goes either way
+    assert lost(sick, with_table, medial) < 0.6 * lost(sick, without, medial)
+    normal = _hilar_phantom(seed=9)                                               # nothing to remove: little goes
+    assert lost(normal, render_findings(normal, [resolved], A, normal=table), medial) \
+        < 0.4 * lost(normal, render_findings(normal, [resolved], A, normal=None), medial)
+    assert "normal lungs" in with_table.notes[0] and "aerated baseline" in without.notes[0]
+
+
+def test_the_shipped_normal_lung_table_is_read_and_denser_medially_and_at_the_bases():
+    import json
+
+    from biomedjourney.anatomy import segmenter_path
+    from biomedjourney.render import NORMAL_FILE, NORMAL_GRID, normal_residuals
+    table = normal_residuals()
+    meta = json.loads((segmenter_path() / NORMAL_FILE).read_text())
+    assert table.shape == NORMAL_GRID and np.isfinite(table).all() and meta["films"] >= 100
+    assert table[:, 0].mean() > table[:, 2].mean() and table[-2:].mean() > table[3:6].mean()   # hila, domes
+
+
+def test_a_bad_normal_lung_table_is_refused(tmp_path):
+    import json
+
+    from biomedjourney.render import NORMAL_FILE, normal_residuals
+    (tmp_path / NORMAL_FILE).write_text(json.dumps({"table": [[1.0, 2.0]]}))
+    with pytest.raises(ValueError, match="fit_normal_lungs"):
+        normal_residuals(tmp_path)
+    assert normal_residuals(tmp_path / "none") is None                            # no table: the fallback

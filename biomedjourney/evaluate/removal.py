@@ -10,6 +10,8 @@ generated with "<finding> resolved." and with the no-change text, same seeds, on
     lift      evaluator P(label | resolved text) - P(label | no-change text), same prior and seed: < 0 takes it away
     lowered   share of samples whose P(label) fell
     darker    mean change inside the lungs (lung mask > 0.5; < 0: the lungs became more lucent)
+    control   the same lung change for the same text on No-Finding validation priors (nothing to remove: a specific
+              removal leaves them nearly as they were)
 
 The counterpart of `follow` (which asks for new findings on normal priors) and of the battery's
 path_auc_changed, where a resolved label must score below a new one. The evaluators are the evaluation
@@ -61,11 +63,12 @@ def markdown(res: dict, title: str) -> str:
              f"Validation priors labelled with the finding (one per patient, up to {res['max_priors']}) × seeds "
              f"{res['seeds']}; settings: `{shown}`.",
              "", "| finding | text | priors | lift of its label (mean ± std over seeds) | Opacity (any) lift | "
-             "samples lowered | lung change |", "|---|---|---|---|---|---|---|"]
+             "samples lowered | lung change | lung change, No-Finding priors |", "|---|---|---|---|---|---|---|---|"]
     for label, r in res["findings"].items():
         op = "–" if r["lift_opacity"] is None else f"{r['lift_opacity']['mean']:+.3f}"
+        ctl = "–" if r.get("lung_change_normal") is None else f"{r['lung_change_normal']:+.4f}"
         lines.append(f"| {label} | {r['text']} | {len(r['priors'])} | {r['lift']['mean']:+.3f} ± "
-                     f"{r['lift']['std']:.3f} | {op} | {r['lowered']:.2f} | {r['lung_change']:+.4f} |")
+                     f"{r['lift']['std']:.3f} | {op} | {r['lowered']:.2f} | {r['lung_change']:+.4f} | {ctl} |")
     lines += ["", "Lift < 0 and 'samples lowered' near 1: the text took the finding away. The evaluators are CNNs "
               "trained on this dataset's train split; a prior keeps most of what made it positive (the patient, "
               "devices, acquisition), so even a perfect removal need not bring the probability down to a normal "
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
         g = generate_all(pipe, priors, seeds, region=pipe.defaults.region, render=pipe.defaults.render,
                          descriptions=(text, NO_CHANGE))
         res["findings"][label] = summarise_one(g, ev, label, text)
+    normal = select_priors(a.priors, a.data, pipe.resolution)           # the control: nothing there to remove
+    if len(normal) >= 2 and res["findings"]:
+        texts = tuple(r["text"] for r in res["findings"].values())
+        g = generate_all(pipe, normal, seeds, region=pipe.defaults.region, render=pipe.defaults.render,
+                         descriptions=(*texts, NO_CHANGE))
+        for r in res["findings"].values():
+            r["lung_change_normal"] = lung_change(g, r["text"])
     res["wall_seconds"] = time.time() - t0
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(res, a.out / "removal.json")
