@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from biomedjourney import dataset
 from biomedjourney.anatomy import atlas_anatomy
 from biomedjourney.findings.schema import Finding
 from biomedjourney.masks import (EFFUSION_BELOW, EFFUSION_WALL, cardiac_displacement, diaphragm_lift, effusion_depth,
@@ -383,3 +384,19 @@ def test_a_bad_normal_lung_table_is_refused(tmp_path):
     with pytest.raises(ValueError, match="fit_normal_lungs"):
         normal_residuals(tmp_path)
     assert normal_residuals(tmp_path / "none") is None                            # no table: the fallback
+
+
+@pytest.mark.skipif(not dataset.has_data(), reason=dataset.missing_data_reason())
+def test_fit_normal_lungs_writes_a_table_the_removal_reads(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from biomedjourney.render import NORMAL_FILE, normal_residuals
+    script = Path(__file__).resolve().parents[1] / "train" / "fit_normal_lungs.py"
+    spec = importlib.util.spec_from_file_location("fit_normal_lungs", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--limit", "6", "--out", str(tmp_path / NORMAL_FILE)])
+    assert out["films"] + out["left_out_segmenter_fallback"] == 6 and out["quantile"] == 90
+    assert normal_residuals(tmp_path).shape == (12, 6)
+    assert all(r.labels == ["No Finding"] for r in mod.normal_training_rows())

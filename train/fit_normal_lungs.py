@@ -9,7 +9,7 @@ lungs alike), the NORMAL_QUANTILE percentile of how much denser than the film's 
 (`LungDensity.residual`). Normal lungs are denser than that baseline at their hila, behind the domes and along the
 rim; `render.undo_density` lowers only the density beyond what normal lungs show there. The table belongs to the
 segmenter's lung frame, so it lives in the segmenter's folder (it travels with it into the wheel). Deterministic
-(sampling seed 0); about 15 s for ~400 films on one CPU core.
+(sampling seed 0); about 26 s for 387 films on one CPU core.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from biomedjourney.anatomy import segment  # noqa: E402
+from biomedjourney.atomic import write_text  # noqa: E402
 from biomedjourney.dataset import NO_FINDING, data_root, licence_ok_for_weights, load_images, split_of  # noqa: E402
 from biomedjourney.imaging import load_model_input  # noqa: E402
 from biomedjourney.render import NORMAL_GRID, NORMAL_QUANTILE, fit_normal_residuals  # noqa: E402
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="dataset folder (default $BIOMEDJOURNEY_DATA / ../shared/data/cxr)")
     ap.add_argument("--out", type=Path, default=Path("assets/segmenter/normal_lung_residuals.json"))
-    ap.add_argument("--quantile", type=float, default=NORMAL_QUANTILE)
     ap.add_argument("--limit", type=int, default=None, help="at most N films (a quick check)")
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -57,17 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
         films.append(img)
         anatomies.append(an)
         sources[r.source] = sources.get(r.source, 0) + 1
-    table = fit_normal_residuals(films, anatomies, a.quantile, NORMAL_GRID)
-    out = {"table": np.round(table.astype(float), 3).tolist(), "grid": list(NORMAL_GRID), "quantile": a.quantile,
+    table = fit_normal_residuals(films, anatomies, NORMAL_QUANTILE, NORMAL_GRID)
+    out = {"table": np.round(table.astype(float), 3).tolist(), "grid": list(NORMAL_GRID), "quantile": NORMAL_QUANTILE,
            "films": len(films), "sources": sources, "left_out_segmenter_fallback": fallbacks,
            "what": "per lung cell (rows: depth apex -> lowest row, columns: lateralness medial -> chest wall), the "
                    "quantile of (low-passed lung brightness - the film's aerated baseline) / its spread on normal "
                    "training films (biomedjourney.render.fit_normal_residuals)",
            "command": "python train/fit_normal_lungs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(a.out)
+    write_text(a.out, json.dumps(out, indent=1) + "\n")
     print(f"{len(films)} films ({fallbacks} left out: segmenter fallback) in {time.time() - t0:.0f} s -> {a.out}")
     print(np.round(table, 1))
     return out
