@@ -12,6 +12,7 @@ Every random choice comes from `generator` (torch.randn(generator=...)).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .anatomy import Anatomy
+from .anatomy import Anatomy, segmenter_path
 from .findings.schema import Finding
 from .masks import (airspace_region, atelectasis_band, blob_centre, blob_radius, cardiac_displacement,
                     cardiac_widening, collapse_wedge,
@@ -84,6 +85,11 @@ def warp(img: np.ndarray, dy: np.ndarray | float = 0.0, dx: np.ndarray | float =
 
 def _lowpass(img: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(img, sigma)
+
+
+def _masked_lowpass(img: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Low-pass of `img` over where `weight` (H, W) is set only (normalised convolution): nothing outside bleeds in."""
+    return _lowpass(img * weight, sigma) / np.maximum(_lowpass(weight, sigma), 1e-3)
 
 
 # ------------------------------------------------------------------------- findings
@@ -446,7 +452,7 @@ def lung_density(img: np.ndarray, anatomy: Anatomy) -> LungDensity | None:
     if lungs.sum() < 400:
         return None
     w = lungs.astype(np.float32)
-    lp = _lowpass(img * w, 8 * px) / np.maximum(_lowpass(w, 8 * px), 1e-3)
+    lp = _masked_lowpass(img, w, 8 * px)
     base, mad = aerated_baseline(lp, lungs)
     return LungDensity(lungs, not_heart, lp, base, mad)
 
@@ -494,9 +500,6 @@ _NORMAL_CACHE: dict[str, np.ndarray | None] = {}
 def normal_residuals(folder=None) -> np.ndarray | None:
     """The shipped table (NORMAL_FILE in the segmenter's folder, `anatomy.segmenter_path()`), or None when that
     folder has none (removal then falls back to EXCESS_MARGIN); cached per path."""
-    import json
-
-    from .anatomy import segmenter_path
     try:
         path = (Path(folder) if folder is not None else segmenter_path()) / NORMAL_FILE
     except FileNotFoundError:
@@ -529,7 +532,7 @@ def undo_density(img: np.ndarray, region: np.ndarray, f: Finding, c: Ctx) -> tup
     if c.normal is not None:
         cells = lung_cells(c.anatomy, ld.lungs, c.normal.shape)
         margin = np.where(cells >= 0, c.normal.ravel()[np.maximum(cells, 0)], 0).astype(np.float32)
-        margin = _lowpass(margin * w, 4 * c.px) / np.maximum(_lowpass(w, 4 * c.px), 1e-3)   # no steps between cells
+        margin = _masked_lowpass(margin, w, 4 * c.px)                     # no steps between the cells
         what = f"above what {NORMAL_QUANTILE} % of normal lungs show at that place"
     else:
         margin, what = EXCESS_MARGIN, "above the lungs' aerated baseline (a smooth fit to their clear parts)"
