@@ -133,12 +133,12 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         return dict(self.scheduler.config)
 
     @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    def device(self) -> torch.device:  # the first parameter's: ModelMixin.device walks every module (~1 ms a call)
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     def to(self, *args, **kwargs) -> "BiomedJourneyPipeline":
         self._fixed = {}  # cached embeddings live on the old device
@@ -278,7 +278,11 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         unc, unc_mask = unc.expand(k * n, -1, -1), unc_mask.expand(k * n, -1)
         emb = torch.cat([cond] + [unc] * (branches - 1))                                     # (branches*kB, T, D)
         mask = torch.cat([cond_mask] + [unc_mask] * (branches - 1))                          # (branches*kB, T)
-        return emb, mask
+        # The padding no row attends to is dropped (the cross-attention then spans the longest text, not T tokens),
+        # and an all-ones mask is no mask: both give the same attention, computed on less.
+        used = int(torch.nonzero(mask.any(0)).max()) + 1 if bool(mask.any()) else mask.shape[1]
+        emb, mask = emb[:, :used], mask[:, :used]                                            # (branches*kB, T', ...)
+        return emb, (None if bool(mask.all()) else mask)
 
     def _latent_mask(self, mask_image: np.ndarray, h: int) -> torch.Tensor:
         """(R, R) soft pixel mask -> (1, 1, h, w) latent mask, area-averaged then dilated by one latent pixel

@@ -17,12 +17,8 @@ needs_segmenter = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _centroid_x(m: np.ndarray) -> float:

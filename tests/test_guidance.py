@@ -156,7 +156,7 @@ def test_service_asks_for_new_findings_and_notes_when_it_cannot(gpipe, pipe, pri
         service.generate_followups(gpipe, prior, "New effusion.", num_images=1, noise_opt_steps=-1)
 
 
-def test_streamed_followups_are_the_images_of_one_call(gpipe, prior):
+def test_streamed_followups_are_the_images_of_one_call(gpipe, prior, one_thread):
     """iter_followups(first=1): the first image after one call, then all; the same images and one merged report."""
     from biomedjourney import service
     kw = dict(seed=5, num_images=3, render=True, noise_opt_steps=2, sampler={"num_inference_steps": 4})

@@ -203,6 +203,25 @@ def test_negative_prompt_replaces_the_empty_prompt_in_the_guidance_branches(pipe
         pipe(prior, "x", negative_prompt=3)
 
 
+def test_padding_no_row_attends_to_is_dropped_and_changes_nothing(pipe, prior):
+    """The cross-attention spans the longest text of the batch: what lies beyond it never reaches the UNet,
+    and its last token still does."""
+    emb, mask = pipe.encode_prompt(["New large right pleural effusion with some basal atelectasis."])
+    used, neg_used = int(mask.sum()), int(pipe.encode_prompt([""])[1].sum())
+    assert neg_used < used < mask.shape[1]
+    seen = []
+    kw = dict(num_images=1, seed=2, num_inference_steps=3, negative_prompt="")
+    out = pipe(prior, "x", prompt_embeds=(emb, mask), callback_on_step_end=lambda p, i, t, d: seen.append(d),
+               callback_on_step_end_tensor_inputs=["emb", "emb_mask"], **kw)
+    assert seen[0]["emb"].shape[1] == used and seen[0]["emb_mask"].shape[1] == used
+    garbage = emb.clone()
+    garbage[:, used:] = 10 * torch.randn_like(garbage[:, used:])                  # padding: never attended to
+    assert np.array_equal(pipe(prior, "x", prompt_embeds=(garbage, mask), **kw).images[0], out.images[0])
+    last = emb.clone()
+    last[:, used - 1] += 1                                                          # the longest text's last token
+    assert not np.allclose(pipe(prior, "x", prompt_embeds=(last, mask), **kw).images[0], out.images[0])
+
+
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_change_transfer_adds_only_the_described_change_to_the_prior(pipe, prior, scheduler):
     from biomedjourney.config import NO_CHANGE

@@ -71,6 +71,13 @@ class _Recorder:
         return self.forward(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
 
 
+def _states(pipe, text: str, used: int) -> torch.Tensor:
+    """`text`'s token states up to the call's length `used` (the padding no row attends to is dropped)."""
+    emb, mask = pipe.encode_prompt([text])
+    assert not mask[0, used:].any(), f"{text!r} has tokens beyond the {used} the UNet got"
+    return emb[0, :used]
+
+
 @pytest.mark.parametrize("transfer", [False, True])
 def test_each_guidance_branch_receives_its_own_prior_and_text(pipe, prior, monkeypatch, transfer):
     """Rows of the one batched call: [text+prior, prior only, neither] (x k trajectories), at scales != 1."""
@@ -82,9 +89,9 @@ def test_each_guidance_branch_receives_its_own_prior_and_text(pipe, prior, monke
          negative_prompt=neg, change_transfer=transfer)
     k = 2 if transfer else 1
     z = pipe.encode_images(torch.from_numpy(prior)[None, None])[0]          # (C, h, w)
-    text, empty_or_neg, no_change = (pipe.encode_prompt([s])[0][0] for s in (TEXT, neg, NO_CHANGE))
     assert len(rec.calls) == 2
     for x, emb in rec.calls:
+        text, empty_or_neg, no_change = (_states(pipe, s, emb.shape[1]) for s in (TEXT, neg, NO_CHANGE))
         c = x.shape[1] // 2
         rows = k * n
         assert x.shape[0] == 3 * rows
@@ -109,8 +116,8 @@ def test_text_only_mode_has_two_branches_and_no_prior(pipe, monkeypatch):
     pipe(None, "Findings: Effusion.", num_images=1, seed=0, num_inference_steps=2, guidance_scale=4.0)
     x, emb = rec.calls[0]
     assert x.shape[0] == 2 and x[:, x.shape[1] // 2:].abs().max() == 0
-    torch.testing.assert_close(emb[0], pipe.encode_prompt(["Findings: Effusion."])[0][0])
-    torch.testing.assert_close(emb[1], pipe.encode_prompt([""])[0][0])
+    torch.testing.assert_close(emb[0], _states(pipe, "Findings: Effusion.", emb.shape[1]))
+    torch.testing.assert_close(emb[1], _states(pipe, "", emb.shape[1]))
 
 
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
