@@ -537,6 +537,29 @@ def edit_mask(findings: list[Finding], anatomy: Anatomy, *, feather: float = 3.0
     return out
 
 
+# Outside the lung fields a drawn finding's region is only where its drawing changed the film: the pleural space
+# below the dome, the heart and the chest wall are in a finding's region so that the drawing may reach them, but
+# where it did not (the liver under a drawn effusion already as dense as fluid) there is nothing for the model to
+# harmonise, and it darkened the liver there (blended latent diffusion edits exactly where the mask says; Avrahami
+# et al. 2023, arXiv:2206.02779). Inside the lungs the region stays whole: a removal changes what it finds there.
+DRAWN_AT = 0.01       # a drawing changed a pixel by more than this (0-1 intensity)
+DRAWN_MARGIN = 6.0    # px at 256 kept around what the drawing changed (under one 8-px latent cell)
+LUNG_MARGIN = 2.0     # px at 256 kept around the lung fields
+
+
+def confine_to_drawing(mask: np.ndarray, change: np.ndarray, anatomy: Anatomy, free: np.ndarray | None = None
+                       ) -> np.ndarray:
+    """(H, W) float32: `mask` kept inside the lung fields and where `change` (H, W, the drawings' largest |change|)
+    exceeds DRAWN_AT, each grown by its margin and feathered; `free` (the region of findings nobody drew) is kept
+    whole."""
+    px = scale_px(anatomy.shape)
+    lungs = _dilate(np.asarray(anatomy.lung("bilateral")) > 0.5, LUNG_MARGIN * px)
+    drawn = _dilate(np.asarray(change) > DRAWN_AT, DRAWN_MARGIN * px)
+    keep = np.maximum(feather_mask(lungs | drawn, 3 * px), lungs | drawn)              # 1 on both, soft beyond
+    out = (np.asarray(mask, np.float32) * keep).astype(np.float32)
+    return out if free is None else np.maximum(out, np.asarray(free, np.float32))
+
+
 # ------------------------------------------------------------------------- for the app: show and paint
 MASK_COLOUR = (255, 140, 0)   # orange: reads on a grey film, distinct from the heatmaps' red / blue
 
@@ -581,7 +604,7 @@ def painted_mask(layers, size: int) -> np.ndarray:
     return np.clip(np.asarray(im, np.float32), 0, 1)
 
 
-__all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
+__all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask", "confine_to_drawing",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
            "cardiac_widening",
            "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift",

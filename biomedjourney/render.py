@@ -38,6 +38,7 @@ class Rendering:
     image: np.ndarray                       # (H, W) float32 in [0, 1]
     mask: np.ndarray                        # (H, W) float32 in [0, 1]: the region it changed (soft)
     notes: list[str] = field(default_factory=list)
+    undrawn: list[Finding] = field(default_factory=list)   # findings it left as they were (to the model)
 
 
 @dataclass(frozen=True)
@@ -568,17 +569,20 @@ def render_findings(prior: np.ndarray, findings: list[Finding], anatomy: Anatomy
     if isinstance(normal, str):
         normal = normal_residuals() if any(f.receding for f in findings) else None
     c = Ctx(anatomy, measure_levels(prior, anatomy), gen, scale_px(prior.shape), normal)
-    img, mask, notes = prior.copy(), np.zeros_like(prior), []
+    img, mask, notes, undrawn = prior.copy(), np.zeros_like(prior), [], []
     for f in sorted(findings, key=_order):
         region, _ = finding_mask(f, anatomy)
+        before = img
         img, what = render_one(img, f, region, c)
+        if img is before or np.array_equal(img, before):
+            undrawn.append(f)
         notes.append(f"{f.name} ({', '.join(v for v in (f.side, f.zone, severity_of(f), f.change) if v != 'none')}): "
                      f"{what}" + (", knowledge-driven rendering" if f.name in RENDERED_FINDINGS
                                   and f.change != "unchanged" else ""))
         if f.name in RENDERED_FINDINGS and f.change != "unchanged":
             mask = np.maximum(mask, region)
     image = np.clip(prior + mask * (img - prior), 0, 1).astype(np.float32)   # nothing changes outside the regions
-    return Rendering(image=image, mask=mask.astype(np.float32), notes=notes)
+    return Rendering(image=image, mask=mask.astype(np.float32), notes=notes, undrawn=undrawn)
 
 
 __all__ = ["Rendering", "render_findings", "RENDERED_FINDINGS", "Levels", "measure_levels", "edit_mask",

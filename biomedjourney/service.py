@@ -141,7 +141,7 @@ def plan_edit(prior_img: np.ndarray, description: str, seeds: list[int], *, regi
                     anatomy=anatomy, notes=notes)
     drawable = [f for f in changing if f.name in _rendered_names()]
     if render and drawable:
-        _add_renderings(plan, prior_img, drawable, seeds)
+        _add_renderings(plan, prior_img, changing, drawable, seeds)
     return plan
 
 
@@ -153,14 +153,21 @@ def _text_notes(text: str, findings: list[Finding], changing: list[Finding], ren
     return notes + _rare_notes(changing, render) + _side_notes(text, findings)
 
 
-def _add_renderings(plan: EditPlan, prior_img: np.ndarray, drawable: list[Finding], seeds: list[int]) -> None:
-    """The knowledge-driven drawings the sampler starts from (one per seed); their extent joins the region."""
+def _add_renderings(plan: EditPlan, prior_img: np.ndarray, changing: list[Finding], drawable: list[Finding],
+                    seeds: list[int]) -> None:
+    """The knowledge-driven drawings the sampler starts from (one per seed); their extent joins the region, and
+    outside the lungs the region of what was drawn is only where a drawing changed the film
+    (`masks.confine_to_drawing`)."""
+    from .masks import confine_to_drawing, edit_mask
     from .render import render_findings
     rs = [render_findings(prior_img, drawable, plan.anatomy, generator=torch.Generator().manual_seed(s)) for s in seeds]
     plan.renderings = np.stack([r.image for r in rs]).astype(np.float32)               # (B, R, R)
     plan.rendered = rs[0].notes
     if plan.mask is not None and plan.mask_source == "findings":
-        plan.mask = np.maximum(plan.mask, rs[0].mask).astype(np.float32)
+        undrawn = [f for f in changing if f not in drawable or all(f in r.undrawn for r in rs)]
+        free = edit_mask(undrawn, plan.anatomy).mask if undrawn else None
+        change = np.abs(plan.renderings - prior_img[None]).max(0)                          # (R, R) any seed's
+        plan.mask = confine_to_drawing(np.maximum(plan.mask, rs[0].mask), change, plan.anatomy, free)
 
 
 class ModelLoadError(RuntimeError):

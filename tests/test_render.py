@@ -400,3 +400,28 @@ def test_fit_normal_lungs_writes_a_table_the_removal_reads(tmp_path):
     assert out["films"] + out["left_out_segmenter_fallback"] == 6 and out["quantile"] == 90
     assert normal_residuals(tmp_path).shape == (12, 6)
     assert all(r.labels == ["No Finding"] for r in mod.normal_training_rows())
+
+
+def test_outside_the_lungs_the_region_is_only_where_the_drawing_changed_the_film():
+    """The pleural space reaches below the dome, but where the film there is already denser than fluid (the liver)
+    the drawing changes nothing, and the edit region then stops short of it; inside the lungs it stays whole, and
+    the region of a finding nobody drew (`free`) is kept."""
+    from biomedjourney.masks import DRAWN_AT, confine_to_drawing, finding_mask
+    f = lung_frame(A, "right")
+    prior = phantom()
+    prior[f.bottom + 2:] = np.maximum(prior[f.bottom + 2:], 0.9)                  # liver: denser than fluid
+    effusion = Finding(name="pleural effusion", side="right", severity="moderate")
+    drawn = render_findings(prior, [effusion], A)
+    region = finding_mask(effusion, A)[0]
+    change = np.abs(drawn.image - prior)
+    out = confine_to_drawing(region, change, A)
+    lungs = A.lung("bilateral") > 0.5
+    far = ndimage.distance_transform_edt(~(lungs | (change > DRAWN_AT))) > 18     # beyond every margin and feather
+    assert region[far].max() > 0.9 and out[far].max() < 1e-3
+    np.testing.assert_array_equal(out[lungs], region[lungs])
+    free = np.zeros_like(region)
+    free[far] = 1
+    assert confine_to_drawing(region, change, A, free)[far].min() == 1
+    assert drawn.undrawn == [] and effusion not in drawn.undrawn
+    gone = Finding(name="pneumothorax", side="right", change="resolved")
+    assert render_findings(prior, [effusion, gone], A).undrawn == [gone]   # a re-expanded lung is not drawn

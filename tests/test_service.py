@@ -51,3 +51,19 @@ def test_the_model_loads_in_the_precision_asked_for_and_says_so(tiny_model_dir, 
     assert r.settings["dtype"] == "bfloat16" and np.isfinite(r.images[0]).all() and r.images[0].dtype == np.float32
     with pytest.raises(service.ModelLoadError, match="Unknown dtype 'fp8'.*float32, bfloat16, float16"):
         service.load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp8")
+
+
+def test_a_drawn_region_stops_where_the_drawing_changed_nothing_outside_the_lungs(film):
+    """The rendered plan's mask: an effusion's pleural space below the dome, where this film is already denser than
+    fluid, is left out (masks.confine_to_drawing); drawn without rendering, it is the findings' region."""
+    from biomedjourney.masks import edit_mask
+    plain = plan_edit(film, "New right pleural effusion.", [0, 1], render=False)
+    drawn = plan_edit(film, "New right pleural effusion.", [0, 1], render=True)
+    whole = edit_mask(drawn.findings, drawn.anatomy).mask
+    np.testing.assert_array_equal(plain.mask, whole)
+    lungs = drawn.anatomy.lung("bilateral") > 0.5
+    changed = np.abs(drawn.renderings - film).max(0) > 0.01
+    np.testing.assert_array_equal(drawn.mask[lungs], np.maximum(whole, drawn.mask)[lungs])
+    from scipy import ndimage
+    far = ndimage.distance_transform_edt(~(lungs | changed)) > 6         # 64 px: beyond every margin (a quarter of 256's)
+    assert whole[far].max() > 0.5 and drawn.mask[far].max() < 1e-3
