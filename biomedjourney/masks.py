@@ -604,7 +604,8 @@ def painted_mask(layers, size: int) -> np.ndarray:
     return np.clip(np.asarray(im, np.float32), 0, 1)
 
 
-__all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask", "confine_to_drawing",
+__all__ = ["LUNG_HEART", "lung_mask", "inside_fraction", "check_user_mask", "EditMask", "edit_mask",
+           "confine_to_drawing",
            "finding_mask", "zone_mask", "lung_frame", "LungFrame", "feather_mask", "cardiac_displacement",
            "cardiac_widening",
            "airspace_region", "effusion_depth", "edema_weight", "atelectasis_band", "collapse_wedge", "diaphragm_lift",

@@ -65,5 +65,5 @@ def test_a_drawn_region_stops_where_the_drawing_changed_nothing_outside_the_lung
     changed = np.abs(drawn.renderings - film).max(0) > 0.01
     np.testing.assert_array_equal(drawn.mask[lungs], np.maximum(whole, drawn.mask)[lungs])
     from scipy import ndimage
-    far = ndimage.distance_transform_edt(~(lungs | changed)) > 6         # 64 px: beyond every margin (a quarter of 256's)
+    far = ndimage.distance_transform_edt(~(lungs | changed)) > 6         # 64 px: beyond every margin (256's / 4)
     assert whole[far].max() > 0.5 and drawn.mask[far].max() < 1e-3
