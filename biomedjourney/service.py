@@ -156,18 +156,21 @@ def _text_notes(text: str, findings: list[Finding], changing: list[Finding], ren
 def _add_renderings(plan: EditPlan, prior_img: np.ndarray, changing: list[Finding], drawable: list[Finding],
                     seeds: list[int]) -> None:
     """The knowledge-driven drawings the sampler starts from (one per seed); their extent joins the region, and
-    outside the lungs the region of what was drawn is only where a drawing changed the film
-    (`masks.confine_to_drawing`)."""
+    outside the lungs the region of what was drawn is only where the drawing changed the film
+    (`masks.confine_to_drawing`), read on the seed-0 drawing: the mask is the same whichever seeds a call draws,
+    so image i of a call is still image 0 of a call with its seed alone."""
     from .masks import confine_to_drawing, edit_mask
     from .render import render_findings
-    rs = [render_findings(prior_img, drawable, plan.anatomy, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    draw = lambda s: render_findings(prior_img, drawable, plan.anatomy, generator=torch.Generator().manual_seed(s))
+    rs = [draw(s) for s in seeds]
     plan.renderings = np.stack([r.image for r in rs]).astype(np.float32)               # (B, R, R)
     plan.rendered = rs[0].notes
     if plan.mask is not None and plan.mask_source == "findings":
-        undrawn = [f for f in changing if f not in drawable or all(f in r.undrawn for r in rs)]
+        ref = rs[seeds.index(0)] if 0 in seeds else draw(0)
+        undrawn = [f for f in changing if f not in drawable or f in ref.undrawn]
         free = edit_mask(undrawn, plan.anatomy).mask if undrawn else None
-        change = np.abs(plan.renderings - prior_img[None]).max(0)                          # (R, R) any seed's
-        plan.mask = confine_to_drawing(np.maximum(plan.mask, rs[0].mask), change, plan.anatomy, free)
+        plan.mask = confine_to_drawing(np.maximum(plan.mask, ref.mask), np.abs(ref.image - prior_img), plan.anatomy,
+                                       free)
 
 
 class ModelLoadError(RuntimeError):

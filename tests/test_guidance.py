@@ -165,8 +165,11 @@ def test_streamed_followups_are_the_images_of_one_call(gpipe, prior, one_thread)
     parts = list(service.iter_followups(gpipe, prior, "New right pleural effusion.", first=1,
                                         on_step=lambda i, total: ticks.append((i, total)), **kw))
     assert [len(p.images) for p in parts] == [1, 3] and [p.seeds for p in parts] == [[5], [5, 6, 7]]
-    for a, b in zip(whole.images, parts[-1].images):   # batches of 1 and 3 round apart (1e-4 seen): another seed,
-        np.testing.assert_allclose(a, b, atol=1e-3)      # or another image's noise, differs by 0.1 and more
+    for a, b in zip(whole.images, parts[-1].images):
+        # batches of 1 and 3 round apart, and Adam's first step (the gradient's sign) turns that into a few 1e-3 on a
+        # few % of the pixels; another seed, or another image's noise, differs by 0.1 and more over the whole image
+        d = np.abs(a - b)
+        assert d.mean() < 2e-4 and d.max() < 0.02, (d.mean(), d.max())
     per = len(ticks) // 2           # a drawing is harmonised at render_strength: fewer steps than the 4 asked for
     assert 1 <= per < 4 and ticks == [(i, 2 * per) for i in range(1, 2 * per + 1)] and service.pipeline_calls(3, 1) == 2
     rep, one = parts[-1].settings["noise_optimization"], whole.settings["noise_optimization"]

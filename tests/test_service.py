@@ -67,3 +67,15 @@ def test_a_drawn_region_stops_where_the_drawing_changed_nothing_outside_the_lung
     from scipy import ndimage
     far = ndimage.distance_transform_edt(~(lungs | changed)) > 6         # 64 px: beyond every margin (256's / 4)
     assert whole[far].max() > 0.5 and drawn.mask[far].max() < 1e-3
+
+
+def test_each_rendered_image_is_reproduced_alone_with_its_seed(pipe, film):
+    """With drawings (one per seed) and the region they confine, image i of a call is image 0 of a call with
+    seed=seeds[i], num_images=1: the same mask, the same picture."""
+    kw = dict(render=True, sampler={"num_inference_steps": 3})
+    many = generate_followups(pipe, film, "New right pleural effusion. New cardiomegaly.", seed=3, num_images=2, **kw)
+    for i, s in enumerate(many.seeds):
+        one = generate_followups(pipe, film, "New right pleural effusion. New cardiomegaly.", seed=s, num_images=1,
+                                 **kw)
+        np.testing.assert_array_equal(one.plan.mask, many.plan.mask)
+        np.testing.assert_allclose(one.images[0], many.images[i], atol=1e-4)
