@@ -74,6 +74,7 @@ class NoiseOptimization:
     clean result of the first denoising step, while its identity embedding keeps the patient. The noise is
     renormalised to its starting norm after every step (it stays a plausible Gaussian draw)."""
     targets: dict[str, float]        # guidance label -> wanted probability (1: the finding appears, 0: it goes)
+    free: tuple[str, ...] = ()       # labels neither asked for nor held (the text changes them, unguided)
     steps: int = 3                   # Adam steps (each one UNet forward + backward over all guidance branches)
     lr: float = 0.3                  # Adam step size on the unit-variance noise (the objective plateaus by ~4 steps)
     identity_weight: float = 1.0     # weight of 1 - cos(identity(result), identity(prior))
@@ -422,7 +423,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
         with torch.no_grad():  # the prior, once: its findings' probabilities and its identity
             on_prior = gm(s["prior_lat"][:1].to(gm.dtype), 0)
         held = torch.sigmoid(on_prior.logits[0])                                            # (L,)
-        others = ~known & torch.tensor([name != "no finding" for name in gm.labels])
+        others = ~known & torch.tensor([name != "no finding" and name not in opt.free for name in gm.labels])
         t = s["timesteps"][0]
         ac = s["sched"].alphas_cumprod.to(self.device)[t].float()
         a, sg = ac.sqrt(), (1 - ac).sqrt()            # VP noise level of the first step (the UNet's training inputs)
@@ -461,7 +462,7 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             objective.append(round(float(loss.mean()), 5))
             last = time.perf_counter() - ts
         report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
-                  "targets": dict(opt.targets), "lr": opt.lr, "identity_weight": opt.identity_weight,
+                  "targets": dict(opt.targets), "free": list(opt.free), "lr": opt.lr, "identity_weight": opt.identity_weight,
                   "others_weight": opt.others_weight, "density_weight": opt.density_weight if guard is not None else 0.0,
                   "against_density": density}     # density_loss before each step (the drawing's way; [] without one)
         return eps.detach().to(self.dtype).repeat(r.k, 1, 1, 1), report

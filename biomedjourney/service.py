@@ -375,7 +375,8 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
     """The pipeline's NoiseOptimization for the plan's findings (None when off or impossible, with a note saying why).
     New / increased findings are asked for (1), decreased / resolved ones asked away (0), unchanged ones left alone;
     only findings with >= RARE_BELOW training images, the ones the guidance model had enough examples to learn
-    (a consolidation is guided as the opacity it implies), and only on top of a knowledge-driven drawing."""
+    (a consolidation is guided as the opacity it implies), and only on top of a knowledge-driven drawing. A changing
+    finding too rare to be guided is `free`: not held at the prior's level either."""
     if steps <= 0:
         return None
     from .pipeline import NoiseOptimization
@@ -390,17 +391,21 @@ def noise_optimization(pipe, plan: EditPlan, steps: int):
                           "model'); skipped.")
         return None
     targets: dict[str, float] = {}
+    changed: set[str] = set()                 # every label the description changes: never held at the prior's level
     for f in plan.findings:
         p = _TARGET_OF_CHANGE.get(f.change)
         for name in (f.name, *(_IMPLIES.get(f.name, ()) if p == 1.0 else ())):
-            if p is not None and name in gm.labels and TRAINING_IMAGES.get(name, 0) >= RARE_BELOW:
+            if p is None or name not in gm.labels:
+                continue
+            changed.add(name)
+            if TRAINING_IMAGES.get(name, 0) >= RARE_BELOW:
                 targets.setdefault(name, p)
     if not targets:
         known = [n for n in gm.labels if TRAINING_IMAGES.get(n, 0) >= RARE_BELOW]
         plan.notes.append(f"Noise optimisation guides only findings with at least {RARE_BELOW} training images "
                           f"({', '.join(known)}); none of them changes in this description, so it was skipped.")
         return None
-    return NoiseOptimization(targets=targets, steps=steps)
+    return NoiseOptimization(targets=targets, steps=steps, free=tuple(sorted(changed - set(targets))))
 
 
 @dataclass

@@ -110,6 +110,17 @@ def test_density_guard_keeps_the_drawn_region_from_darkening(gpipe, prior):
     assert no_drawing.settings["noise_optimization"]["density_weight"] == 0.0
 
 
+def test_a_free_label_is_neither_asked_for_nor_held(gpipe, prior):
+    """`free`: the description changes it, unguided: with others_weight alone, freeing every other label leaves
+    nothing in the objective but the targets, so it equals the run that holds nothing (others_weight 0)."""
+    kw = dict(num_images=1, seed=3, strength=0.6, change_transfer=True)
+    others = tuple(n for n in gpipe.guidance_model.labels if n not in ("pulmonary edema", "no finding"))
+    run = lambda **o: gpipe(prior, "New pulmonary edema.", noise_optimization=NoiseOptimization(
+        targets={"pulmonary edema": 1.0}, steps=1, identity_weight=0, **o), **kw).settings["noise_optimization"]
+    held, freed, none = run(), run(free=others), run(others_weight=0)
+    assert freed["objective"] == none["objective"] != held["objective"] and freed["free"] == list(others)
+
+
 def test_noise_optimisation_respects_its_time_budget(gpipe, prior):
     opt = NoiseOptimization(targets={"pleural effusion": 1.0}, steps=10, max_seconds=1e-9)
     out = gpipe(prior, "New right pleural effusion.", num_images=1, seed=3, noise_optimization=opt)
@@ -143,6 +154,10 @@ def test_service_asks_for_new_findings_and_notes_when_it_cannot(gpipe, pipe, pri
     r = service.generate_followups(gpipe, prior, "New right pleural effusion. Resolved atelectasis.", seed=0,
                                    num_images=1, region="off", render=True, noise_opt_steps=2)
     assert r.settings["noise_optimization"]["targets"] == {"pleural effusion": 1.0, "atelectasis": 0.0}
+    r = service.generate_followups(gpipe, prior, "New pulmonary edema. New cardiomegaly.", seed=0, num_images=1,
+                                   region="off", render=True, noise_opt_steps=2)
+    rep = r.settings["noise_optimization"]          # cardiomegaly: 16 training images, not guided, and not held
+    assert rep["targets"] == {"pulmonary edema": 1.0} and rep["free"] == ["cardiomegaly"]
     r = service.generate_followups(pipe, prior, "New right pleural effusion.", seed=0, num_images=1, region="off",
                                    render=True, noise_opt_steps=2)
     assert r.settings["noise_optimization"] is None and any("no guidance model" in n for n in r.plan.notes)
@@ -160,9 +175,9 @@ def test_streamed_followups_are_the_images_of_one_call(gpipe, prior, one_thread)
     """iter_followups(first=1): the first image after one call, then all; the same images and one merged report."""
     from biomedjourney import service
     kw = dict(seed=5, num_images=3, render=True, noise_opt_steps=2, sampler={"num_inference_steps": 4})
-    whole = service.generate_followups(gpipe, prior, "New right pleural effusion.", **kw)
+    whole = service.generate_followups(gpipe, prior, "New pulmonary edema.", **kw)
     ticks = []
-    parts = list(service.iter_followups(gpipe, prior, "New right pleural effusion.", first=1,
+    parts = list(service.iter_followups(gpipe, prior, "New pulmonary edema.", first=1,
                                         on_step=lambda i, total: ticks.append((i, total)), **kw))
     assert [len(p.images) for p in parts] == [1, 3] and [p.seeds for p in parts] == [[5], [5, 6, 7]]
     for a, b in zip(whole.images, parts[-1].images):
