@@ -462,7 +462,8 @@ class BiomedJourneyPipeline(DiffusionPipeline):
             objective.append(round(float(loss.mean()), 5))
             last = time.perf_counter() - ts
         report = {"steps": len(objective), "seconds": round(time.perf_counter() - t0, 3), "objective": objective,
-                  "targets": dict(opt.targets), "free": list(opt.free), "lr": opt.lr, "identity_weight": opt.identity_weight,
+                  "targets": dict(opt.targets), "free": list(opt.free), "lr": opt.lr,
+                  "identity_weight": opt.identity_weight,
                   "others_weight": opt.others_weight, "density_weight": opt.density_weight if guard is not None else 0.0,
                   "against_density": density}     # density_loss before each step (the drawing's way; [] without one)
         return eps.detach().to(self.dtype).repeat(r.k, 1, 1, 1), report
