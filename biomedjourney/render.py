@@ -574,7 +574,7 @@ def render_findings(prior: np.ndarray, findings: list[Finding], anatomy: Anatomy
         region, _ = finding_mask(f, anatomy)
         before = img
         img, what = render_one(img, f, region, c)
-        if img is before or np.array_equal(img, before):
+        if np.array_equal(img, before):
             undrawn.append(f)
         notes.append(f"{f.name} ({', '.join(v for v in (f.side, f.zone, severity_of(f), f.change) if v != 'none')}): "
                      f"{what}" + (", knowledge-driven rendering" if f.name in RENDERED_FINDINGS

@@ -94,8 +94,8 @@ def app_url(app_module):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """torch on one thread for the module: results that must match to 1e-4 across batch sizes (a batched
-    matmul splits its work by the thread count, so 2 threads round a batch of 3 unlike a batch of 1)."""
+    """torch on one thread for the module: results compared across batch sizes (a batched matmul splits its
+    work by the thread count, so 2 threads round a batch of 3 unlike a batch of 1)."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -16,9 +16,7 @@ needs_segmenter = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file
                                      reason=f"no shipped segmenter at {SHIPPED}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _centroid_x(m: np.ndarray) -> float:
